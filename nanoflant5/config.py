@@ -1,0 +1,113 @@
+"""The one configuration object: a dataclass read from a Hugging Face config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+# Activations named by config.json's feed_forward_proj ("gated-gelu" -> "gelu_new", as transformers maps it).
+ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
+MODEL_TYPES = ("t5", "mt5")  # same checkpoint layout and architecture
+
+
+@dataclass
+class T5Config:
+    vocab_size: int = 32128
+    d_model: int = 512
+    d_kv: int = 64  # per-head size; num_heads * d_kv need not equal d_model
+    d_ff: int = 2048
+    num_layers: int = 6  # encoder depth
+    num_decoder_layers: int = 6
+    num_heads: int = 8
+    relative_attention_num_buckets: int = 32
+    relative_attention_max_distance: int = 128
+    dropout_rate: float = 0.1
+    layer_norm_epsilon: float = 1e-6
+    activation: str = "relu"  # of the feed-forward layer
+    gated: bool = False  # T5 v1.1 / FLAN-T5: act(x W0) * (x W1); original T5: act(x W)
+    tie_word_embeddings: bool = True  # original T5 shares the output layer with the embedding
+    scale_decoder_outputs: bool = True  # original T5 scales the decoder output by d_model**-0.5 before the tied head
+    pad_token_id: int = 0
+    eos_token_id: int = 1
+    decoder_start_token_id: int = 0
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_heads * self.d_kv
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "T5Config":
+        """Read the fields of a transformers T5Config dict, checking what this implementation supports."""
+        model_type = d.get("model_type", "t5")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type is {model_type!r}, not a T5 model (expected one of {MODEL_TYPES})")
+        proj = d.get("feed_forward_proj", "relu")
+        parts = proj.split("-")
+        gated = parts[0] == "gated"
+        if (gated and len(parts) != 2) or (not gated and len(parts) != 1):
+            raise ValueError(f"unsupported feed_forward_proj {proj!r} (expected 'ACT' or 'gated-ACT')")
+        activation = "gelu_new" if proj == "gated-gelu" else parts[-1]
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unsupported feed_forward_proj {proj!r}: activation {activation!r} not in {ACTIVATIONS}")
+        eos = d.get("eos_token_id", 1)
+        if isinstance(eos, list):
+            if len(eos) != 1:
+                raise ValueError(f"eos_token_id {eos} lists several tokens; one end-of-sequence token is supported")
+            eos = eos[0]
+        tie = d.get("tie_word_embeddings", True)
+        num_layers = d.get("num_layers", 6)
+        return cls(
+            vocab_size=d.get("vocab_size", 32128),
+            d_model=d.get("d_model", 512),
+            d_kv=d.get("d_kv", 64),
+            d_ff=d.get("d_ff", 2048),
+            num_layers=num_layers,
+            num_decoder_layers=d.get("num_decoder_layers") or num_layers,
+            num_heads=d.get("num_heads", 8),
+            relative_attention_num_buckets=d.get("relative_attention_num_buckets", 32),
+            relative_attention_max_distance=d.get("relative_attention_max_distance", 128),
+            dropout_rate=d.get("dropout_rate", 0.1),
+            layer_norm_epsilon=d.get("layer_norm_epsilon", 1e-6),
+            activation=activation,
+            gated=gated,
+            tie_word_embeddings=tie,
+            # transformers >= 5 writes this key; older configs imply it from tie_word_embeddings.
+            scale_decoder_outputs=d.get("scale_decoder_outputs", tie),
+            pad_token_id=d.get("pad_token_id", 0),
+            eos_token_id=eos,
+            decoder_start_token_id=d.get("decoder_start_token_id", d.get("pad_token_id", 0)),
+        )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "T5Config":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def to_hf_dict(self) -> dict:
+        """The config.json that transformers' T5ForConditionalGeneration reads back as this model."""
+        act = "gelu" if self.gated and self.activation == "gelu_new" else self.activation
+        return {
+            "architectures": ["T5ForConditionalGeneration"],
+            "model_type": "t5",
+            **{k: v for k, v in dataclasses.asdict(self).items() if k not in ("activation", "gated")},
+            "feed_forward_proj": f"gated-{act}" if self.gated else act,  # transformers reads gated-gelu as gelu_new
+            "is_encoder_decoder": True,
+        }
+
+
+def _flan(d_model, d_ff, num_layers, num_heads) -> T5Config:
+    return T5Config(d_model=d_model, d_kv=64, d_ff=d_ff, num_layers=num_layers, num_decoder_layers=num_layers,
+                    num_heads=num_heads, activation="gelu_new", gated=True, tie_word_embeddings=False,
+                    scale_decoder_outputs=False)
+
+
+# The published FLAN-T5 sizes (google/flan-t5-*), as their config.json files describe them.
+PRESETS = {
+    "flan-t5-small": _flan(512, 1024, 8, 6),
+    "flan-t5-base": _flan(768, 2048, 12, 12),
+    "flan-t5-large": _flan(1024, 2816, 24, 16),
+    "flan-t5-xl": _flan(2048, 5120, 24, 32),
+    "flan-t5-xxl": _flan(4096, 10240, 24, 64),
+}

@@ -1,0 +1,298 @@
+"""The T5 / FLAN-T5 architecture, and nothing else.
+
+T5: Raffel et al. 2020, "Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer"
+(arXiv:1910.10683). T5 v1.1 and FLAN-T5 (Chung et al. 2022, arXiv:2210.11416) keep the layout and change the
+feed-forward layer to a gated GELU and untie the output layer. transformers' modeling_t5.py is the behavioural
+reference; parameter names here are our own (load.py maps the checkpoint's names onto them).
+
+Precision policy (the only one): parameters and activations run in the model's dtype; RMSNorm takes its mean
+square in float32; generation scores tokens in float32 (generate.py).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import T5Config
+
+ACT_FNS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": partial(F.gelu, approximate="tanh"), "silu": F.silu}
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: rescale by the root mean square, no mean subtraction and no bias (Zhang & Sennrich 2019,
+    "Root Mean Square Layer Normalization", arXiv:1910.07467). The mean square is taken in float32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+
+def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int, max_distance: int):
+    """Map key_pos - query_pos to a bucket, as Mesh TensorFlow does (transformer_layers.py,
+    _relative_position_bucket; T5 paper section 2.1). Half the buckets hold the exact distances 0..max_exact-1, the
+    other half grow logarithmically up to max_distance; farther distances share the last bucket. Bidirectional
+    (encoder) buckets are split between keys before and after the query; causal (decoder) ones see only the past."""
+    bucket = 0
+    if bidirectional:
+        num_buckets //= 2
+        bucket = (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)
+    max_exact = num_buckets // 2
+    log_ratio = torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact)
+    large = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
+    return bucket + torch.where(distance < max_exact, distance, large)
+
+
+class RelativePositionBias(nn.Module):
+    """A learned scalar per (bucket, head), added to the attention scores of every layer of a stack. It is computed
+    once per stack (only the first layer of a checkpoint holds it) and passed to every block."""
+
+    def __init__(self, config: T5Config, bidirectional: bool):
+        super().__init__()
+        self.bidirectional = bidirectional
+        self.num_buckets = config.relative_attention_num_buckets
+        self.max_distance = config.relative_attention_max_distance
+        self.embedding = nn.Embedding(self.num_buckets, config.num_heads)
+
+    def forward(self, q_len: int, k_len: int, offset: int = 0):
+        device = self.embedding.weight.device
+        query_pos = torch.arange(offset, offset + q_len, device=device)[:, None]
+        key_pos = torch.arange(k_len, device=device)[None, :]
+        buckets = relative_position_bucket(key_pos - query_pos, self.bidirectional, self.num_buckets,
+                                           self.max_distance)
+        return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, H, q_len, k_len)
+
+
+def attention(q, k, v, bias, dropout: float):
+    """Scaled dot-product attention without the 1/sqrt(d) scaling: T5 folds it into the initialisation of the query
+    projection (Mesh TensorFlow). `bias` is a float mask: relative position bias plus -inf-like masks."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=1.0)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.n_heads, self.d_kv, self.dropout = config.num_heads, config.d_kv, config.dropout_rate
+        self.qkv = nn.Linear(config.d_model, 3 * config.inner_dim, bias=False)  # q, k and v fused
+        self.o = nn.Linear(config.inner_dim, config.d_model, bias=False)
+
+    def forward(self, x, bias, cache=None, pos: int = 0):
+        """cache: this layer's slice (2, B, H, max_len, D) of the decoder's KVCache; the new keys and values are
+        written at positions pos..pos+T-1 and attention reads positions 0..pos+T-1."""
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.d_kv).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+        if cache is not None:
+            cache[0, :, :, pos:pos + T] = k
+            cache[1, :, :, pos:pos + T] = v
+            k, v = cache[0, :, :, :pos + T], cache[1, :, :, :pos + T]  # (B, H, pos+T, D)
+        y = attention(q, k, v, bias, self.dropout if self.training else 0.0)  # (B, H, T, D)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.n_heads, self.d_kv, self.dropout = config.num_heads, config.d_kv, config.dropout_rate
+        self.q = nn.Linear(config.d_model, config.inner_dim, bias=False)
+        self.kv = nn.Linear(config.d_model, 2 * config.inner_dim, bias=False)  # k and v fused
+        self.o = nn.Linear(config.inner_dim, config.d_model, bias=False)
+
+    def project(self, encoded):
+        """Keys and values of the encoder output: computed once per input, reused at every decoding step."""
+        B, S, _ = encoded.shape
+        k, v = self.kv(encoded).view(B, S, 2, self.n_heads, self.d_kv).permute(2, 0, 3, 1, 4)  # 2 x (B, H, S, D)
+        return k, v
+
+    def forward(self, x, kv, mask):
+        B, T, _ = x.shape
+        q = self.q(x).view(B, T, self.n_heads, self.d_kv).transpose(1, 2)  # (B, H, T, D)
+        y = attention(q, *kv, mask, self.dropout if self.training else 0.0)
+        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """Original T5: wo(act(wi x)). T5 v1.1 / FLAN-T5: wo(act(wi_0 x) * wi_1 x), the gated variant of Shazeer 2020,
+    "GLU Variants Improve Transformer" (arXiv:2002.05202); wi_0 and wi_1 are fused into one projection here."""
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.gated = config.gated
+        self.act = ACT_FNS[config.activation]
+        self.wi = nn.Linear(config.d_model, (2 if config.gated else 1) * config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x):
+        h = self.wi(x)
+        if self.gated:
+            gate, linear = h.chunk(2, dim=-1)
+            h = self.act(gate) * linear
+        else:
+            h = self.act(h)
+        return self.wo(self.dropout(h))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm residual block: x + Attn(norm(x)), then x + FFN(norm(x))."""
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        eps = config.layer_norm_epsilon
+        self.attn_norm, self.attn = RMSNorm(config.d_model, eps), SelfAttention(config)
+        self.ffn_norm, self.ffn = RMSNorm(config.d_model, eps), FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x, bias):
+        x = x + self.dropout(self.attn(self.attn_norm(x), bias))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm residual block: causal self-attention, attention over the encoder output, feed-forward."""
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        eps = config.layer_norm_epsilon
+        self.attn_norm, self.attn = RMSNorm(config.d_model, eps), SelfAttention(config)
+        self.cross_norm, self.cross = RMSNorm(config.d_model, eps), CrossAttention(config)
+        self.ffn_norm, self.ffn = RMSNorm(config.d_model, eps), FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x, bias, cross_kv, cross_mask, cache=None, pos: int = 0):
+        x = x + self.dropout(self.attn(self.attn_norm(x), bias, cache, pos))
+        x = x + self.dropout(self.cross(self.cross_norm(x), cross_kv, cross_mask))
+        return x + self.dropout(self.ffn(self.ffn_norm(x)))
+
+
+def padding_mask(attention_mask, dtype):
+    """(B, S) 1/0 mask -> additive (B, 1, 1, S) float mask: 0 where attended, the dtype's minimum where padded."""
+    pad = attention_mask[:, None, None, :] == 0
+    return torch.zeros(pad.shape, dtype=dtype, device=pad.device).masked_fill(pad, torch.finfo(dtype).min)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.relative_bias = RelativePositionBias(config, bidirectional=True)
+        self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.num_layers))
+        self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x, attention_mask=None):
+        """x: embedded input (B, S, d_model); attention_mask: (B, S), 0 at padding."""
+        S = x.shape[1]
+        bias = self.relative_bias(S, S)  # (1, H, S, S)
+        if attention_mask is not None:
+            bias = bias.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(bias.dtype).min)  # (B, H, S, S)
+        x = self.dropout(x)
+        for block in self.blocks:
+            x = block(x, bias)
+        return self.dropout(self.final_norm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.relative_bias = RelativePositionBias(config, bidirectional=False)
+        self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.num_decoder_layers))
+        self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def causal_bias(self, T: int):
+        """Relative position bias with the causal mask folded in: (1, H, T, T)."""
+        bias = self.relative_bias(T, T)
+        future = torch.ones(T, T, dtype=torch.bool, device=bias.device).triu(1)
+        return bias.masked_fill(future, torch.finfo(bias.dtype).min)
+
+    def project(self, encoded):
+        """Every layer's cross-attention keys and values for the encoder output."""
+        return [block.cross.project(encoded) for block in self.blocks]
+
+    def forward(self, x, bias, cross_kv, cross_mask, cache=None, pos: int = 0):
+        """x: embedded decoder input (B, T, d_model) at positions pos..pos+T-1; bias: causal_bias rows for them;
+        cross_kv: project(encoded); cache: a KVCache (generation) or None (teacher forcing)."""
+        x = self.dropout(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, bias, cross_kv[i], cross_mask, None if cache is None else cache.kv[i], pos)
+        return self.dropout(self.final_norm(x))
+
+
+class KVCache:
+    """The decoder's self-attention keys and values, preallocated for the whole generation:
+    one buffer (layers, 2, batch, heads, max_len, d_kv), written in place at each step."""
+
+    def __init__(self, config: T5Config, batch: int, max_len: int, dtype, device):
+        self.kv = torch.zeros(config.num_decoder_layers, 2, batch, config.num_heads, max_len, config.d_kv,
+                              dtype=dtype, device=device)
+
+    def reorder(self, index, length: int):
+        """Beam search: row i of the batch continues row index[i]; only the first `length` positions are in use."""
+        self.kv[..., :length, :] = self.kv[:, :, index, :, :length]
+
+
+class T5(nn.Module):
+    """Encoder-decoder T5. forward() returns logits; generate() is in generate.py; from_pretrained() in load.py."""
+
+    def __init__(self, config: T5Config):
+        super().__init__()
+        self.config = config
+        self.shared = nn.Embedding(config.vocab_size, config.d_model)  # input embedding of both stacks
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.shared.weight
+
+    def encode(self, input_ids, attention_mask=None):
+        return self.encoder(self.shared(input_ids), attention_mask)
+
+    def logits(self, hidden):
+        if self.config.scale_decoder_outputs:  # original T5 with tied embeddings (Mesh TensorFlow)
+            hidden = hidden * self.config.d_model ** -0.5
+        return self.lm_head(hidden)
+
+    def decode(self, decoder_input_ids, encoded, attention_mask=None):
+        """Teacher-forced decoder pass over whole sequences: logits (B, T, vocab)."""
+        cross_mask = None if attention_mask is None else padding_mask(attention_mask, encoded.dtype)
+        bias = self.decoder.causal_bias(decoder_input_ids.shape[1])
+        hidden = self.decoder(self.shared(decoder_input_ids), bias, self.decoder.project(encoded), cross_mask)
+        return self.logits(hidden)
+
+    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, labels=None):
+        """Logits (B, T, vocab). Without decoder_input_ids, labels shifted right (start token first) are used."""
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("pass decoder_input_ids or labels")
+            decoder_input_ids = self.shift_right(labels)
+        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
+
+    def shift_right(self, labels):
+        """Decoder inputs for teacher forcing: the start token, then labels[:-1] (ignored -100 labels as padding)."""
+        start = torch.full_like(labels[:, :1], self.config.decoder_start_token_id)
+        shifted = torch.cat([start, labels[:, :-1]], dim=1)
+        return shifted.masked_fill(shifted == -100, self.config.pad_token_id)
+
+    def generate(self, input_ids, attention_mask=None, **kwargs):
+        from .generate import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, dtype=None, device=None) -> "T5":
+        from .load import load_model
+
+        return load_model(name_or_path, dtype=dtype, device=device)

@@ -1,0 +1,132 @@
+"""Generation against transformers' generate(do_sample=False), token for token, over padded batches."""
+
+import itertools
+
+import pytest
+import torch
+
+from helpers import CONFIGS, make_checkpoint, random_batch
+from nanoflant5.load import load_model
+
+LENGTHS = [7, 3, 12, 5, 20, 9]
+
+
+def hf_generate(ref, ids, mask, **kw):
+    with torch.no_grad():
+        return ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, **kw)
+
+
+def beam_grid():
+    for nb, lp, es, nrs, mn in itertools.product([2, 4], [1.0, 0.0, 2.0, -1.0], [False, True, "never"], [1, 2],
+                                                 [0, 5]):
+        if nrs <= nb:
+            yield dict(num_beams=nb, length_penalty=lp, early_stopping=es, num_return_sequences=nrs,
+                       min_new_tokens=mn)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_greedy_matches_transformers(checkpoint, name):
+    folder, ref = checkpoint(name)
+    model = load_model(folder, dtype=torch.float64)
+    ids, mask = random_batch(96, LENGTHS, seed=1)
+    for kw in [dict(max_new_tokens=24), dict(max_new_tokens=24, min_new_tokens=6), dict(max_new_tokens=1),
+               dict(max_new_tokens=40)]:
+        want = hf_generate(ref, ids, mask, **kw)
+        got = model.generate(ids, mask, **kw)
+        assert torch.equal(got, want), kw
+
+
+@pytest.mark.parametrize("name", ["gated-gelu-untied", "relu-tied"])
+def test_beam_search_matches_transformers(checkpoint, name):
+    folder, ref = checkpoint(name)
+    model = load_model(folder, dtype=torch.float64)
+    ids, mask = random_batch(96, LENGTHS, seed=1)
+    grid = list(beam_grid())
+    for kw in grid:
+        want = hf_generate(ref, ids, mask, max_new_tokens=24, **kw)
+        got = model.generate(ids, mask, max_new_tokens=24, **kw)
+        assert torch.equal(got, want), kw
+
+
+@pytest.mark.parametrize("name", ["unequal-depth", "inner-dim"])
+def test_beam_search_matches_transformers_other_configs(checkpoint, name):
+    folder, ref = checkpoint(name)
+    model = load_model(folder, dtype=torch.float64)
+    ids, mask = random_batch(96, LENGTHS, seed=2)
+    for kw in list(beam_grid())[::5]:
+        want = hf_generate(ref, ids, mask, max_new_tokens=16, **kw)
+        got = model.generate(ids, mask, max_new_tokens=16, **kw)
+        assert torch.equal(got, want), kw
+
+
+def test_outputs_are_not_degenerate(checkpoint):
+    """Guard for the test checkpoints themselves: outputs use many tokens and end at different lengths."""
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = load_model(folder, dtype=torch.float64)
+    ids, mask = random_batch(96, LENGTHS, seed=1)
+    rows = model.generate(ids, mask, max_new_tokens=24)
+    lengths = {int((r != 0).sum()) for r in rows}
+    assert (rows == 1).any(1).all()  # every row ended with </s> ...
+    assert len(lengths) >= 4  # ... at different lengths
+    assert len(set(rows.flatten().tolist())) >= 20
+
+
+def test_cached_equals_uncached(checkpoint):
+    """Greedy with the KV cache == greedy that re-runs the whole decoder on the prefix at every step."""
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = load_model(folder, dtype=torch.float64)
+    ids, mask = random_batch(96, LENGTHS, seed=3)
+    cached = model.generate(ids, mask, max_new_tokens=20)
+    tokens = torch.zeros(len(LENGTHS), 1, dtype=torch.long)
+    done = torch.zeros(len(LENGTHS), dtype=torch.bool)
+    with torch.no_grad():
+        encoded = model.encode(ids, mask)
+        for _ in range(20):
+            nxt = model.decode(tokens, encoded, mask)[:, -1].float().argmax(-1).masked_fill(done, 0)
+            tokens = torch.cat([tokens, nxt[:, None]], 1)
+            done |= nxt == 1
+            if done.all():
+                break
+    assert torch.equal(cached, tokens)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batching_does_not_change_outputs(checkpoint, num_beams):
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = load_model(folder, dtype=torch.float64)
+    ids, mask = random_batch(96, LENGTHS, seed=4)
+    batched = model.generate(ids, mask, max_new_tokens=20, num_beams=num_beams)
+    for i, n in enumerate(LENGTHS):
+        alone = model.generate(ids[i:i + 1, :n], max_new_tokens=20, num_beams=num_beams)[0]
+        row = batched[i]
+        assert torch.equal(row[:len(alone)], alone)
+        assert (row[len(alone):] == row[-1]).all()  # only padding after it
+
+
+def test_real_size_flan_t5_small(tmp_path):
+    """The published flan-t5-small architecture (random weights): greedy and beam rows equal transformers'."""
+    import json
+
+    config = json.loads((__import__("pathlib").Path(__file__).parent / "fixtures/flan-t5-small/config.json")
+                        .read_text())
+    keep = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
+            "relative_attention_num_buckets", "relative_attention_max_distance", "feed_forward_proj")
+    overrides = {k: config[k] for k in keep}
+    ref = make_checkpoint(tmp_path, "gated-gelu-untied", seed=5, **overrides)
+    model = load_model(tmp_path, dtype=torch.float64)
+    ids, mask = random_batch(config["vocab_size"], [30, 11, 140], seed=5)
+    for kw in [dict(max_new_tokens=24), dict(max_new_tokens=16, num_beams=3, num_return_sequences=2)]:
+        assert torch.equal(model.generate(ids, mask, **kw), hf_generate(ref, ids, mask, **kw)), kw
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(max_new_tokens=5, num_beams=0), "num_beams"),
+    (dict(max_new_tokens=5, num_beams=2, num_return_sequences=3), "num_return_sequences"),
+    (dict(max_new_tokens=5, num_return_sequences=2), "num_return_sequences"),
+    (dict(max_new_tokens=5, num_beams=2, early_stopping="sometimes"), "early_stopping"),
+])
+def test_bad_arguments_are_refused(checkpoint, kw, match):
+    model = load_model(checkpoint("relu-tied")[0])
+    with pytest.raises(ValueError, match=match):
+        model.generate(torch.ones(1, 3, dtype=torch.long), **kw)
