@@ -1,0 +1,119 @@
+"""The command line against transformers' text, and its handling of misuse."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import make_checkpoint
+from nanoflant5.cli import build_parser
+
+TOKENIZER = Path(__file__).parent / "fixtures" / "flan-t5-small"
+PROMPTS = ["How do I make pesto sauce?", "Translate to German: The house is wonderful.", "",
+           "Résumé of the año: 東京 and Köln"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random model with the real 32128-token vocabulary and the real tokenizer files."""
+    folder = tmp_path_factory.mktemp("cli-model")
+    make_checkpoint(folder, "gated-gelu-untied", seed=7, vocab_size=32128)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model"):
+        shutil.copy(TOKENIZER / f, folder / f)
+    return folder
+
+
+def run(*args, **env):
+    return subprocess.run([sys.executable, "-m", "nanoflant5", *args], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", **env}, timeout=300)
+
+
+def transformers_text(folder, prompts, **kw):
+    from transformers import AutoTokenizer, T5ForConditionalGeneration
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = T5ForConditionalGeneration.from_pretrained(folder).eval()
+    texts = []
+    for p in prompts:  # one at a time, as a user would; the CLI batches them
+        enc = tok([p], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**enc, do_sample=False, **kw)
+        texts += tok.batch_decode(out, skip_special_tokens=True)
+    return texts
+
+
+@pytest.mark.parametrize("beam_args, kw", [
+    ([], {}),
+    (["--num-beams", "3", "--num-return-sequences", "2", "--length-penalty", "0.5"],
+     dict(num_beams=3, num_return_sequences=2, length_penalty=0.5)),
+])
+def test_generate_prints_what_transformers_generates(model_dir, beam_args, kw):
+    args = ["generate", "--model", str(model_dir), "--max-new-tokens", "12", *beam_args]
+    for p in PROMPTS:
+        args += ["--prompt", p]
+    result = run(*args)
+    assert result.returncode == 0, result.stderr
+    want = transformers_text(model_dir, PROMPTS, max_new_tokens=12, **kw)
+    assert result.stdout.split("\n")[:-1] == want
+    assert len(set(want)) > 2  # the prompts give different texts
+
+
+def test_input_file_keeps_order(model_dir, tmp_path):
+    prompts = [f"question {i}: {'word ' * (i % 5)}?" for i in range(11)]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n", encoding="utf-8")
+    from_file = run("generate", "--model", str(model_dir), "--input-file", str(tmp_path / "prompts.txt"),
+                    "--max-new-tokens", "8", "--batch-size", "4")
+    from nanoflant5 import T5, Tokenizer
+
+    model, tok = T5.from_pretrained(model_dir), Tokenizer.from_pretrained(model_dir)
+    one_by_one = [tok.decode(model.generate(tok.encode(p)[0], max_new_tokens=8)[0]) + "\n" for p in prompts]
+    assert from_file.returncode == 0, from_file.stderr
+    assert from_file.stdout == "".join(one_by_one)
+
+
+def test_seed_command_spelling():
+    """The seed project's command, with underscores and --model_size, parses to the same settings."""
+    args = build_parser().parse_args(["generate", "--model_size", "large", "--prompt", "How do I make pesto sauce?",
+                                      "--num_beams", "2", "--max_new_tokens", "100"])
+    assert (args.model_size, args.num_beams, args.max_new_tokens) == ("large", 2, 100)
+    assert args.prompt == ["How do I make pesto sauce?"]
+
+
+def test_seed_command_offline_names_the_model(tmp_path):
+    result = run("generate", "--model_size", "large", "--prompt", "How do I make pesto sauce?", "--num_beams", "2",
+                 "--max_new_tokens", "100", HF_HUB_CACHE=str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: google/flan-t5-large: not in the local hub cache")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["--num-beams", "0"], 2, "error: --num-beams must be an integer >= 1"),
+    (["--max-new-tokens", "-3"], 2, "error: --max-new-tokens must be an integer >= 0"),
+    (["--num-beams", "2", "--num-return-sequences", "3"], 2, "error: --num-return-sequences (3) must be <="),
+    (["--model", "/no/such/model"], 1, "error: /no/such/model: no such folder"),
+    (["--input-file", "/no/such/file.txt"], 2, "error: --input-file /no/such/file.txt: No such file"),
+])
+def test_errors_are_one_line(model_dir, args, status, message):
+    base = ["generate", "--prompt", "hi"] if "--model" in args else ["generate", "--model", str(model_dir),
+                                                                      "--prompt", "hi"]
+    result = run(*base, *args)
+    assert result.returncode == status
+    assert result.stderr.startswith(message), result.stderr
+    assert result.stderr.count("\n") == 1 and result.stdout == ""
+
+
+def test_input_file_not_utf8_names_the_line(model_dir, tmp_path):
+    (tmp_path / "bad.txt").write_bytes(b"fine\nalso fine\n\xff\xfe broken\n")
+    result = run("generate", "--model", str(model_dir), "--input-file", str(tmp_path / "bad.txt"))
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: --input-file {tmp_path / 'bad.txt'}:3: not UTF-8")
+
+
+def test_debug_shows_the_traceback():
+    result = run("--debug", "generate", "--model", "/no/such/model", "--prompt", "hi")
+    assert result.returncode == 1 and "Traceback" in result.stderr
