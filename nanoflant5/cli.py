@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
 
@@ -30,15 +31,27 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=("small", "base", "large", "xl", "xxl"), help="google/flan-t5-SIZE")
     g.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     g.add_argument("--input-file", "--input_file", dest="input_file", help="a file with one prompt per line")
-    g.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=128)
-    g.add_argument("--min-new-tokens", "--min_new_tokens", dest="min_new_tokens", type=int, default=0)
-    g.add_argument("--num-beams", "--num_beams", dest="num_beams", type=int, default=1)
-    g.add_argument("--num-return-sequences", "--num_return_sequences", dest="num_return_sequences", type=int,
-                   default=1)
-    g.add_argument("--length-penalty", "--length_penalty", dest="length_penalty", type=float, default=1.0)
+    # Generation settings: unset ones come from the checkpoint's generation_config.json, then transformers' defaults.
+    g.add_argument("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int,
+                   help="default: the checkpoint's generation config, else 128")
+    g.add_argument("--min-new-tokens", "--min_new_tokens", dest="min_new_tokens", type=int)
+    g.add_argument("--num-beams", "--num_beams", dest="num_beams", type=int)
+    g.add_argument("--num-return-sequences", "--num_return_sequences", dest="num_return_sequences", type=int)
+    g.add_argument("--length-penalty", "--length_penalty", dest="length_penalty", type=float)
     g.add_argument("--early-stopping", "--early_stopping", dest="early_stopping", nargs="?", const=True,
-                   default=False, type=early_stopping_value, metavar="{true,false,never}",
+                   type=early_stopping_value, metavar="{true,false,never}",
                    help="beam search: stop once num_beams hypotheses are finished ('never': canonical search)")
+    g.add_argument("--do-sample", "--do_sample", dest="do_sample", action="store_true", default=None,
+                   help="sample instead of choosing the most likely tokens")
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--top-k", "--top_k", dest="top_k", type=int, help="sampling: keep the k most likely (0: all)")
+    g.add_argument("--top-p", "--top_p", dest="top_p", type=float, help="sampling: nucleus mass in (0, 1]")
+    g.add_argument("--seed", type=int, help="sampling: seed for repeatable output")
+    g.add_argument("--repetition-penalty", "--repetition_penalty", dest="repetition_penalty", type=float)
+    g.add_argument("--no-repeat-ngram-size", "--no_repeat_ngram_size", dest="no_repeat_ngram_size", type=int)
+    out = g.add_mutually_exclusive_group()
+    out.add_argument("--stream", action="store_true", help="print text as it is generated (greedy or sampling)")
+    out.add_argument("--json", action="store_true", help="one JSON object per output: prompt index, text, score")
     g.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=16,
                    help="prompts decoded together")
     g.add_argument("--max-input-length", "--max_input_length", dest="max_input_length", type=int, default=None,
@@ -73,21 +86,33 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-def check_args(args):
-    from .generate import check_generate_args
+GENERATION_ARGS = ("max_new_tokens", "min_new_tokens", "num_beams", "num_return_sequences", "length_penalty",
+                   "early_stopping", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+                   "no_repeat_ngram_size")
 
+
+def generation_settings(args, defaults):
+    """The generation settings the command line asks for over `defaults` (a GenerationConfig), checked."""
+    given = {name: getattr(args, name) for name in GENERATION_ARGS}
+    if given["max_new_tokens"] is None and defaults.max_new_tokens is None and defaults.max_length is None:
+        given["max_new_tokens"] = 128
+    settings = defaults.update(**given)
     try:
-        check_generate_args(args.max_new_tokens, args.min_new_tokens, args.num_beams, args.num_return_sequences,
-                            args.early_stopping)
+        settings.check()
     except ValueError as e:  # "max_new_tokens must be ..." -> "--max-new-tokens must be ..."
         name, rest = str(e).split(" ", 1)
         raise UsageError(f"--{name.replace('_', '-')} {rest}") from e
+    if args.stream and (settings.num_beams > 1 or settings.num_return_sequences > 1):
+        raise UsageError("--stream works with greedy decoding and sampling (one sequence per prompt), not beams")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return settings
 
 
 def cmd_generate(args) -> int:
-    check_args(args)
+    from .config import GenerationConfig
+
+    generation_settings(args, GenerationConfig())  # misuse is reported before anything is loaded
     prompts = read_prompts(args)
     import torch
 
@@ -97,25 +122,46 @@ def cmd_generate(args) -> int:
     model_name = f"google/flan-t5-{args.model_size}" if args.model_size else (args.model or DEFAULT_MODEL)
     model = T5.from_pretrained(model_name, dtype=getattr(torch, args.dtype), device=device)
     tokenizer = Tokenizer.from_pretrained(model_name)
+    settings = vars(generation_settings(args, model.generation_config))
+    rng = None if args.seed is None else torch.Generator(device).manual_seed(args.seed)
+
+    if args.stream:
+        for prompt in prompts:
+            ids, mask = tokenizer.encode([prompt], max_length=args.max_input_length)
+            stream_text(model.stream(ids.to(device), mask.to(device), generator=rng, **settings), tokenizer)
+        return 0
 
     # Decode in batches of similar length (less padding); outputs do not depend on the batch, order is restored.
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    outputs: list[list[str]] = [[] for _ in prompts]
+    outputs: list[list[tuple[str, float]]] = [[] for _ in prompts]
+    n = settings["num_return_sequences"]
     for start in range(0, len(order), args.batch_size):
         chunk = order[start:start + args.batch_size]
         ids, mask = tokenizer.encode([prompts[i] for i in chunk], max_length=args.max_input_length)
-        rows = model.generate(ids.to(device), mask.to(device), max_new_tokens=args.max_new_tokens,
-                              min_new_tokens=args.min_new_tokens, num_beams=args.num_beams,
-                              length_penalty=args.length_penalty, early_stopping=args.early_stopping,
-                              num_return_sequences=args.num_return_sequences)
+        rows, scores = model.generate(ids.to(device), mask.to(device), generator=rng, return_scores=True,
+                                      **settings)
         texts = tokenizer.batch_decode(rows.cpu())
-        n = args.num_return_sequences
         for j, i in enumerate(chunk):
-            outputs[i] = texts[j * n:(j + 1) * n]
-    for texts in outputs:
-        for text in texts:
-            print(text, flush=True)
+            outputs[i] = list(zip(texts[j * n:(j + 1) * n], scores[j * n:(j + 1) * n].tolist()))
+    for i, rows in enumerate(outputs):
+        for text, score in rows:
+            print(json.dumps({"prompt": i, "text": text, "score": score}, ensure_ascii=False) if args.json else text,
+                  flush=True)
     return 0
+
+
+def stream_text(token_steps, tokenizer):
+    """Print the text of one sequence as its tokens arrive, a word at a time (a piece's text can depend on the next
+    one), ending with exactly the text generate() would print."""
+    ids, shown = [], ""
+    for tokens in token_steps:
+        ids.append(int(tokens[0]))
+        text = tokenizer.decode(ids)
+        ready = text[:text.rfind(" ") + 1] if " " in text else ""
+        if len(ready) > len(shown) and ready.startswith(shown):
+            print(ready[len(shown):], end="", flush=True)
+            shown = ready
+    print(tokenizer.decode(ids)[len(shown):], flush=True)
 
 
 def main(argv=None) -> int:

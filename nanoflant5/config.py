@@ -1,4 +1,5 @@
-"""The one configuration object: a dataclass read from a Hugging Face config.json."""
+"""Configuration, one dataclass each: the architecture (T5Config, from config.json) and the generation settings
+(GenerationConfig, from generation_config.json)."""
 
 from __future__ import annotations
 
@@ -111,3 +112,86 @@ PRESETS = {
     "flan-t5-xl": _flan(2048, 5120, 24, 32),
     "flan-t5-xxl": _flan(4096, 10240, 24, 64),
 }
+
+
+@dataclass
+class GenerationConfig:
+    """Generation settings with transformers' defaults. A checkpoint's generation_config.json (or, without one, the
+    generation fields of its config.json) overrides them; explicit generate() arguments override both."""
+
+    max_new_tokens: int | None = None  # None: max_length - 1 (the decoder start token counts in max_length)
+    max_length: int | None = None  # with neither set, 20 new tokens (transformers' default)
+    min_new_tokens: int = 0
+    min_length: int = 0
+    do_sample: bool = False
+    num_beams: int = 1
+    num_return_sequences: int = 1
+    temperature: float = 1.0
+    top_k: int = 50  # sampling only; 0 turns it off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GenerationConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names and v is not None})
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "GenerationConfig":
+        for name in ("generation_config.json", "config.json"):
+            if (folder / name).exists():
+                with open(folder / name, encoding="utf-8") as f:
+                    return cls.from_dict(json.load(f))
+        return cls()
+
+    def update(self, **overrides) -> "GenerationConfig":
+        """A copy with the arguments that are not None. max_new_tokens wins over max_length, as in transformers."""
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ValueError(f"unknown generation argument(s): {', '.join(sorted(unknown))}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "max_length" in given and "max_new_tokens" not in given:
+            given["max_new_tokens"] = None
+        return dataclasses.replace(self, **given)
+
+    @property
+    def new_tokens(self) -> int:
+        if self.max_new_tokens is not None:
+            return self.max_new_tokens
+        return 20 if self.max_length is None else self.max_length - 1
+
+    @property
+    def min_tokens(self) -> int:
+        return max(self.min_new_tokens, self.min_length - 1)
+
+    def check(self):
+        def integer(name, low):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+        if self.max_new_tokens is not None:
+            integer("max_new_tokens", 0)
+        elif self.max_length is not None:
+            integer("max_length", 1)
+        for name in ("min_new_tokens", "min_length", "no_repeat_ngram_size"):
+            integer(name, 0)
+        for name in ("num_beams", "num_return_sequences"):
+            integer(name, 1)
+        if self.top_k is not None:
+            integer("top_k", 0)
+        if self.num_return_sequences > self.num_beams and (self.num_beams > 1 or not self.do_sample):
+            raise ValueError(f"num_return_sequences ({self.num_return_sequences}) must be <= num_beams "
+                             f"({self.num_beams}): beam search returns its best beams, greedy decoding one sequence"
+                             " per input (sampling with num_beams=1 may return several)")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.do_sample and not self.temperature > 0.0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature!r}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")

@@ -1,8 +1,10 @@
-"""Generation: greedy and beam search over a whole padded batch at once, with a static KV cache.
+"""Generation: greedy, sampling and beam search over a whole padded batch at once, with a static KV cache.
 
 The encoder runs once; each decoder layer's cross-attention keys and values are computed once; each step feeds one
-token per row and appends its keys and values to the cache. Tokens are scored in float32, as transformers does, and
-beam search follows transformers' (>= 4.50) vectorized algorithm step for step, so rows come out identical.
+token per row and writes its keys and values into the cache. Tokens are scored in float32, logits are processed in
+transformers' order (repetition penalty, n-gram blocking, minimum length, then temperature, top-k, top-p when
+sampling), and beam search follows transformers' (>= 4.50) vectorized algorithm step for step, so deterministic
+settings give transformers' rows exactly, and sampling draws the same tokens from the same random stream.
 """
 
 from __future__ import annotations
@@ -10,50 +12,116 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .config import GenerationConfig
 from .model import T5, KVCache, padding_mask
 
 NEG = -1.0e9  # transformers' "impossible" beam score: added, not assigned, so the arithmetic matches
 
 
-def check_generate_args(max_new_tokens, min_new_tokens, num_beams, num_return_sequences, early_stopping):
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not isinstance(min_new_tokens, int) or min_new_tokens < 0:
-        raise ValueError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
-    if not isinstance(num_beams, int) or num_beams < 1:
-        raise ValueError(f"num_beams must be an integer >= 1, got {num_beams!r}")
-    if not isinstance(num_return_sequences, int) or num_return_sequences < 1:
-        raise ValueError(f"num_return_sequences must be an integer >= 1, got {num_return_sequences!r}")
-    if num_return_sequences > num_beams:
-        raise ValueError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams}); "
-                         "greedy decoding returns one sequence per input")
-    if early_stopping not in (True, False, "never"):
-        raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
+def process_scores(scores, tokens, t: int, g: GenerationConfig, eos: int, min_keep: int):
+    """Transformers' logits processors, in its order. scores: float32 (N, vocab) for the token after `tokens`
+    (N, t+1), the decoder tokens so far (start token included, as transformers counts them)."""
+    if g.repetition_penalty != 1.0:  # CTRL (Keskar et al. 2019): make tokens already generated less likely
+        seen = scores.gather(1, tokens)
+        scores = scores.scatter(1, tokens, torch.where(seen < 0, seen * g.repetition_penalty,
+                                                       seen / g.repetition_penalty))
+    n = g.no_repeat_ngram_size
+    if n > 0 and t + 1 >= n:  # ban tokens that would repeat an n-gram: windows whose first n-1 tokens end the row
+        windows = tokens.unfold(1, n, 1)  # (N, t+2-n, n)
+        match = (windows[..., :-1] == tokens[:, t + 2 - n:].unsqueeze(1)).all(-1)
+        V = scores.shape[-1]
+        banned = torch.zeros(scores.shape[0], V + 1, dtype=torch.bool, device=scores.device)
+        banned.scatter_(1, torch.where(match, windows[..., -1], V), True)
+        scores = scores.masked_fill(banned[:, :V], float("-inf"))
+    if t < g.min_tokens:
+        scores = scores.clone()
+        scores[:, eos] = float("-inf")
+    if g.do_sample:
+        if g.temperature != 1.0:
+            scores = scores / g.temperature
+        if g.top_k:
+            kth = torch.topk(scores, max(min(g.top_k, scores.shape[-1]), min_keep))[0][..., -1, None]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if g.top_p < 1.0:  # nucleus (Holtzman et al. 2019): drop the least likely tokens holding 1 - top_p
+            sorted_scores, order = torch.sort(scores, descending=False)
+            drop = sorted_scores.softmax(-1).cumsum(-1) <= (1 - g.top_p)
+            drop[..., -min_keep:] = False
+            scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return scores
+
+
+def make_generator(seed, generator, device):
+    if generator is not None or seed is None:
+        return generator  # None: torch's global random stream, as transformers uses
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 @torch.inference_mode()
-def generate(model: T5, input_ids, attention_mask=None, *, max_new_tokens: int, min_new_tokens: int = 0,
-             num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool | str = False,
-             num_return_sequences: int = 1) -> torch.LongTensor:
+def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = None,
+             generator: torch.Generator | None = None, return_scores: bool = False, **kwargs):
     """Rows [batch * num_return_sequences, length]: the decoder start token, the generated tokens, </s> where the
-    model ended, then padding. Same arguments and meaning as transformers' generate(do_sample=False)."""
-    check_generate_args(max_new_tokens, min_new_tokens, num_beams, num_return_sequences, early_stopping)
+    model ended, then padding. Arguments as transformers' generate(): max_new_tokens, max_length, min_new_tokens,
+    min_length, do_sample, num_beams, num_return_sequences, temperature, top_k, top_p, repetition_penalty,
+    no_repeat_ngram_size, length_penalty, early_stopping; defaults from the checkpoint's generation config.
+    seed or generator makes sampling repeatable. return_scores=True also returns a float32 score per row: for beam
+    search transformers' sequence score (sum of processed log-probabilities / length**length_penalty), otherwise
+    the sum of the model's log-probabilities of the generated tokens (</s> included)."""
+    g = model.generation_config.update(**kwargs)
+    g.check()
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be 2-D [batch, length], got shape {list(input_ids.shape)}")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    rng = make_generator(seed, generator, input_ids.device)
     encoded = model.encode(input_ids, attention_mask)
-    step, cache = decoder_steps(model, encoded, attention_mask, num_beams, max_new_tokens + 1)
-    cfg = model.config
-    if num_beams == 1:
-        return greedy(step, input_ids.shape[0], cfg, max_new_tokens, min_new_tokens, input_ids.device)
-    return beam_search(step, cache, input_ids.shape[0], cfg, max_new_tokens, min_new_tokens, num_beams,
-                       length_penalty, early_stopping, num_return_sequences, input_ids.device)
+    B = input_ids.shape[0]
+    if g.num_beams == 1:
+        copies = g.num_return_sequences  # sampling several sequences per input: transformers repeats the input
+        step, _ = decoder_steps(model, encoded, attention_mask, copies, g.new_tokens + 1)
+        rows, scores = None, None
+        for rows, scores in token_steps(step, B * copies, model.config, g, rng, input_ids.device):
+            pass
+    else:
+        step, cache = decoder_steps(model, encoded, attention_mask, g.num_beams, g.new_tokens + 1)
+        rows, scores = beam_search(step, cache, B, model.config, g, rng, input_ids.device)
+    return (rows, scores) if return_scores else rows
+
+
+@torch.inference_mode()
+def stream(model: T5, input_ids, attention_mask=None, *, seed=None, generator=None, **kwargs):
+    """Greedy or sampled decoding that yields each step's new tokens, a LongTensor [batch] (padding for rows that
+    already ended), as soon as they are chosen. The tokens are those generate() returns for the same arguments."""
+    g = model.generation_config.update(**kwargs)
+    g.check()
+    if g.num_beams != 1 or g.num_return_sequences != 1:
+        raise ValueError("streaming supports greedy decoding and sampling with one sequence per input")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    rng = make_generator(seed, generator, input_ids.device)
+    step, _ = decoder_steps(model, model.encode(input_ids, attention_mask), attention_mask, 1, g.new_tokens + 1)
+    for rows, _ in token_steps(step, input_ids.shape[0], model.config, g, rng, input_ids.device):
+        if rows.shape[1] > 1:
+            yield rows[:, -1]
+
+
+@torch.inference_mode()
+def score(model: T5, input_ids, attention_mask, labels, labels_mask=None):
+    """Teacher-forced scoring of target sequences: (sum of log p(label) per row, number of scored tokens per row).
+    Labels of -100 (and, if given, positions where labels_mask is 0) are skipped, as in transformers' loss, whose
+    mean cross-entropy equals -sum(sums) / sum(counts)."""
+    keep = labels != -100
+    if labels_mask is not None:
+        keep &= labels_mask.bool()
+    labels = labels.masked_fill(~keep, -100)
+    logits = model(input_ids, attention_mask, labels=labels)
+    log_probs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    token = log_probs.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1).masked_fill(~keep, 0.0)
+    return token.sum(-1), keep.sum(-1)
 
 
 def decoder_steps(model: T5, encoded, attention_mask, copies: int, max_len: int):
-    """A function step(tokens (N,), pos) -> float32 logits (N, vocab) for N = batch * copies rows (beams of an input
-    are adjacent), and the KVCache it fills."""
+    """A function step(tokens (N,), pos) -> float32 logits (N, vocab) for N = batch * copies rows (the copies of an
+    input are adjacent), and the KVCache it fills."""
     cross_kv = model.decoder.project(encoded)
     cross_mask = padding_mask(attention_mask, encoded.dtype)
     if copies > 1:
@@ -70,20 +138,29 @@ def decoder_steps(model: T5, encoded, attention_mask, copies: int, max_len: int)
     return step, cache
 
 
-def greedy(step, batch: int, cfg, max_new_tokens: int, min_new_tokens: int, device):
-    tokens = torch.full((batch, max_new_tokens + 1), cfg.pad_token_id, dtype=torch.long, device=device)
+def token_steps(step, N: int, cfg, g: GenerationConfig, rng, device):
+    """Greedy decoding or sampling, one token per row per step. Yields (rows so far, scores so far) after the start
+    token and after every step; rows that ended get padding."""
+    tokens = torch.full((N, g.new_tokens + 1), cfg.pad_token_id, dtype=torch.long, device=device)
     tokens[:, 0] = cfg.decoder_start_token_id
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    for t in range(max_new_tokens):
+    done = torch.zeros(N, dtype=torch.bool, device=device)
+    total = torch.zeros(N, device=device)
+    yield tokens[:, :1], total
+    for t in range(g.new_tokens):
         logits = step(tokens[:, t], t)
-        if t < min_new_tokens:
-            logits[:, cfg.eos_token_id] = float("-inf")
-        next_token = logits.argmax(-1).masked_fill(done, cfg.pad_token_id)
+        scores = process_scores(logits, tokens[:, :t + 1], t, g, cfg.eos_token_id, min_keep=1)
+        if g.do_sample:
+            next_token = torch.multinomial(F.softmax(scores, dim=-1), 1, generator=rng).squeeze(1)
+        else:
+            next_token = scores.argmax(-1)
+        next_token = next_token.masked_fill(done, cfg.pad_token_id)
+        token_logp = F.log_softmax(logits, dim=-1).gather(1, next_token[:, None]).squeeze(1)
+        total = total + token_logp.masked_fill(done, 0.0)
         tokens[:, t + 1] = next_token
         done |= next_token == cfg.eos_token_id
+        yield tokens[:, :t + 2], total
         if done.all():
-            return tokens[:, :t + 2]
-    return tokens
+            return
 
 
 def _gather(x, index):
@@ -91,14 +168,14 @@ def _gather(x, index):
     return torch.take_along_dim(x, index.view(*index.shape, *([1] * (x.dim() - 2))), dim=1)
 
 
-def beam_search(step, cache: KVCache, batch: int, cfg, max_new_tokens: int, min_new_tokens: int, num_beams: int,
-                length_penalty: float, early_stopping, num_return_sequences: int, device):
+def beam_search(step, cache: KVCache, batch: int, cfg, g: GenerationConfig, rng, device):
     """Beam search as transformers runs it: at each step keep the 2*num_beams best continuations over all beams of
-    an input; the best num_beams that did not end continue; those among the top num_beams that ended (</s> or the
-    length limit) compete, scored sum(log p) / length**length_penalty, for the num_beams finished slots.
-    early_stopping: True stops an input once num_beams hypotheses are finished; False stops when the best running
-    beam, at its current length, cannot beat the worst finished one; "never" assumes it could grow to the limit."""
-    B, nb, L = batch, num_beams, max_new_tokens + 1
+    an input (or, when sampling, 2*num_beams drawn without replacement); the best num_beams that did not end
+    continue; those among the top num_beams that ended (</s> or the length limit) compete, scored
+    sum(log p) / length**length_penalty, for the num_beams finished slots. early_stopping: True stops an input once
+    num_beams hypotheses are finished; False stops when the best running beam, at its current length, cannot beat
+    the worst finished one; "never" assumes it could grow to the length limit."""
+    B, nb, L, lp = batch, g.num_beams, g.new_tokens + 1, g.length_penalty
     k = 2 * nb
     eos = cfg.eos_token_id
     # transformers fills unused positions with `pad_token_id or eos_token_id`: for T5 (pad 0) that is eos.
@@ -108,19 +185,23 @@ def beam_search(step, cache: KVCache, batch: int, cfg, max_new_tokens: int, min_
     running_scores = torch.zeros(B, nb, device=device)
     running_scores[:, 1:] = NEG  # only the first beam is live at the start, so beams do not duplicate
     finished, finished_scores = running.clone(), torch.full((B, nb), NEG, device=device)
-    finished_len = torch.zeros(B, nb, dtype=torch.long, device=device)  # generated tokens of each finished hypothesis
+    finished_len = torch.zeros(B, nb, dtype=torch.long, device=device)  # generated tokens of each finished one
     is_finished = torch.zeros(B, nb, dtype=torch.bool, device=device)
     improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
     in_top_nb = torch.arange(k, device=device) < nb
     row_offset = torch.arange(B, device=device)[:, None] * nb
 
-    for t in range(max_new_tokens):
+    for t in range(g.new_tokens):
         log_probs = F.log_softmax(step(running[:, :, t].reshape(-1), t), dim=-1)  # (B*nb, V)
-        if t < min_new_tokens:
-            log_probs[:, eos] = float("-inf")
+        log_probs = process_scores(log_probs, running[:, :, :t + 1].reshape(B * nb, t + 1), t, g, eos, min_keep=2)
         V = log_probs.shape[-1]
         scores = (log_probs.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
-        cand_scores, cand_index = scores.topk(k)  # (B, 2nb)
+        if g.do_sample:
+            cand_index = torch.multinomial(F.softmax(scores, dim=-1), k, generator=rng)
+            cand_scores, order = scores.gather(1, cand_index).sort(dim=-1, descending=True)
+            cand_index = cand_index.gather(1, order)
+        else:
+            cand_scores, cand_index = scores.topk(k)  # (B, 2nb)
         parent, token = cand_index // V, cand_index % V
         cand = _gather(running, parent)
         cand[:, :, t + 1] = token
@@ -134,8 +215,8 @@ def beam_search(step, cache: KVCache, batch: int, cfg, max_new_tokens: int, min_
 
         # Candidates among the top num_beams that stopped enter the finished set if they beat its worst member.
         just_finished = stops & in_top_nb
-        s = cand_scores / ((t + 1) ** length_penalty)
-        s += (is_finished.all(-1, keepdim=True) & (early_stopping is True)).float() * NEG
+        s = cand_scores / ((t + 1) ** lp)
+        s += (is_finished.all(-1, keepdim=True) & (g.early_stopping is True)).float() * NEG
         s += (~improvable).float() * NEG
         s += (~just_finished) * NEG
         merged = torch.cat((finished_scores, s), dim=1)
@@ -146,14 +227,15 @@ def beam_search(step, cache: KVCache, batch: int, cfg, max_new_tokens: int, min_
         finished_len = _gather(torch.cat((finished_len, torch.full_like(parent, t + 1)), dim=1), top)
 
         # Can a running beam still beat the worst finished hypothesis?
-        best_len = max_new_tokens if early_stopping == "never" and length_penalty > 0 else t + 1
-        best_running = running_scores[:, :1] / (best_len ** length_penalty)
+        best_len = g.new_tokens if g.early_stopping == "never" and lp > 0 else t + 1
+        best_running = running_scores[:, :1] / (best_len ** lp)
         worst_finished = torch.where(is_finished, finished_scores.min(1, keepdim=True).values, NEG)
         improvable = improvable & (best_running > worst_finished).any(-1, keepdim=True)
-        all_full = bool(is_finished.all()) and early_stopping is True
+        all_full = bool(is_finished.all()) and g.early_stopping is True
         if not bool(improvable.any()) or all_full or bool(stops.all()):
             break
 
-    out = finished[:, :num_return_sequences].reshape(B * num_return_sequences, L)
-    length = finished_len[:, :num_return_sequences].max()
-    return out[:, :1 + int(length)]
+    n = g.num_return_sequences
+    out = finished[:, :n].reshape(B * n, L)
+    length = finished_len[:, :n].max()
+    return out[:, :1 + int(length)], finished_scores[:, :n].reshape(B * n)

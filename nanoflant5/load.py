@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .config import PRESETS, T5Config
+from .config import PRESETS, GenerationConfig, T5Config
 from .model import T5
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -237,4 +237,5 @@ def load_model(name_or_path, dtype=None, device=None) -> T5:
         config.tie_word_embeddings = False
     else:
         model.lm_head.weight = model.shared.weight
+    model.generation_config = GenerationConfig.from_folder(folder)
     return model.eval()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import T5Config
+from .config import GenerationConfig, T5Config
 
 ACT_FNS = {"relu": F.relu, "gelu": F.gelu, "gelu_new": partial(F.gelu, approximate="tanh"), "silu": F.silu}
 
@@ -250,6 +250,7 @@ class T5(nn.Module):
     def __init__(self, config: T5Config):
         super().__init__()
         self.config = config
+        self.generation_config = GenerationConfig()  # load.py reads the checkpoint's
         self.shared = nn.Embedding(config.vocab_size, config.d_model)  # input embedding of both stacks
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
@@ -287,9 +288,22 @@ class T5(nn.Module):
         return shifted.masked_fill(shifted == -100, self.config.pad_token_id)
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
+        """See generate.generate: greedy, sampling or beam search, arguments as transformers' generate()."""
         from .generate import generate
 
         return generate(self, input_ids, attention_mask, **kwargs)
+
+    def score(self, input_ids, attention_mask, labels, labels_mask=None):
+        """See generate.score: per-row sum of log-probabilities of `labels` and the number of tokens scored."""
+        from .generate import score
+
+        return score(self, input_ids, attention_mask, labels, labels_mask)
+
+    def stream(self, input_ids, attention_mask=None, **kwargs):
+        """See generate.stream: yields each step's new tokens (greedy or sampling)."""
+        from .generate import stream
+
+        return stream(self, input_ids, attention_mask, **kwargs)
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=None, device=None) -> "T5":

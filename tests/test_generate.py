@@ -116,6 +116,12 @@ def test_real_size_flan_t5_small(tmp_path):
     (dict(max_new_tokens=5, num_beams=2, num_return_sequences=3), "num_return_sequences"),
     (dict(max_new_tokens=5, num_return_sequences=2), "num_return_sequences"),
     (dict(max_new_tokens=5, num_beams=2, early_stopping="sometimes"), "early_stopping"),
+    (dict(max_new_tokens=5, do_sample=True, top_p=0.0), "top_p"),
+    (dict(max_new_tokens=5, do_sample=True, top_p=1.5), "top_p"),
+    (dict(max_new_tokens=5, do_sample=True, temperature=0.0), "temperature"),
+    (dict(max_new_tokens=5, do_sample=True, num_beams=2, num_return_sequences=3), "num_return_sequences"),
+    (dict(max_new_tokens=5, no_repeat_ngram_size=-1), "no_repeat_ngram_size"),
+    (dict(max_new_tokens=5, beam_size=2), "unknown generation argument"),
 ])
 def test_bad_arguments_are_refused(checkpoint, kw, match):
     model = load_model(checkpoint("relu-tied")[0])

@@ -1,0 +1,202 @@
+"""Sampling, penalties, n-gram blocking, checkpoint defaults, scoring and streaming — against transformers."""
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import make_checkpoint, random_batch, reference
+from nanoflant5.load import load_model
+
+LENGTHS = [7, 3, 12, 5, 20, 9]
+
+
+@pytest.fixture(scope="module")
+def pair(checkpoint):
+    folder, ref = checkpoint("gated-gelu-untied")
+    return load_model(folder, dtype=torch.float64), ref
+
+
+def same_as_transformers(model, ref, ids, mask, seed=0, **kw):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        want = ref.generate(input_ids=ids, attention_mask=mask, **kw)
+    torch.manual_seed(seed)
+    got = model.generate(ids, mask, **kw)
+    return got.shape == want.shape and torch.equal(got, want)
+
+
+def test_penalty_grid_matches_transformers(pair):
+    """num_beams x length_penalty x early_stopping x num_return_sequences x repetition_penalty x
+    no_repeat_ngram_size x min_new_tokens: every 7th point of the grid, and greedy with every penalty."""
+    model, ref = pair
+    ids, mask = random_batch(96, LENGTHS, seed=11)
+    grid = [dict(num_beams=nb, length_penalty=lp, early_stopping=es, num_return_sequences=nrs,
+                 repetition_penalty=rp, no_repeat_ngram_size=ng, min_new_tokens=mn)
+            for nb, lp, es, nrs, rp, ng, mn in itertools.product(
+                [1, 2, 4], [1.0, 0.0, 2.0], [False, True, "never"], [1, 2], [1.0, 1.4, 0.8], [0, 1, 2, 3], [0, 6])
+            if nrs <= nb and (nb > 1 or (lp == 1.0 and es is False))]
+    checked = [kw for i, kw in enumerate(grid) if i % 7 == 0 or kw["num_beams"] == 1]
+    assert len(checked) > 80
+    for kw in checked:
+        assert same_as_transformers(model, ref, ids, mask, max_new_tokens=20, **kw), kw
+
+
+@pytest.mark.parametrize("kw", [
+    dict(), dict(temperature=0.7), dict(top_k=5), dict(top_p=0.6), dict(temperature=1.5, top_k=20, top_p=0.9),
+    dict(top_k=0, num_return_sequences=3), dict(repetition_penalty=1.3, no_repeat_ngram_size=2),
+    dict(num_beams=3, top_p=0.8), dict(num_beams=2, num_return_sequences=2, temperature=0.5),
+])
+def test_sampling_draws_what_transformers_draws(pair, kw):
+    """With the same torch seed, sampling consumes the random stream as transformers does: the same tokens."""
+    model, ref = pair
+    ids, mask = random_batch(96, LENGTHS, seed=12)
+    assert same_as_transformers(model, ref, ids, mask, seed=5, do_sample=True, max_new_tokens=16, **kw), kw
+
+
+def test_sampling_is_repeatable_per_seed(pair):
+    model, _ = pair
+    ids, mask = random_batch(96, LENGTHS, seed=13)
+    a = model.generate(ids, mask, do_sample=True, max_new_tokens=16, seed=1)
+    b = model.generate(ids, mask, do_sample=True, max_new_tokens=16, seed=1)
+    c = model.generate(ids, mask, do_sample=True, max_new_tokens=16, seed=2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    g = torch.Generator().manual_seed(1)
+    assert torch.equal(model.generate(ids, mask, do_sample=True, max_new_tokens=16, generator=g), a)
+
+
+def test_top_k_1_is_greedy(pair):
+    model, _ = pair
+    ids, mask = random_batch(96, LENGTHS, seed=14)
+    greedy = model.generate(ids, mask, max_new_tokens=20)
+    for seed in range(3):
+        assert torch.equal(model.generate(ids, mask, do_sample=True, top_k=1, max_new_tokens=20, seed=seed), greedy)
+
+
+def test_sampled_tokens_come_from_the_allowed_set(pair):
+    """Re-score every prefix with the uncached model: each sampled token is among the top_k most likely, and the
+    tokens more likely than it hold less than top_p of the (top-k, temperature) distribution."""
+    model, _ = pair
+    ids, mask = random_batch(96, LENGTHS * 3, seed=15)
+    top_k, top_p, temperature = 6, 0.7, 1.3
+    rows = model.generate(ids, mask, do_sample=True, top_k=top_k, top_p=top_p, temperature=temperature,
+                          max_new_tokens=12, seed=3)
+    with torch.no_grad():
+        logits = model(ids, mask, decoder_input_ids=rows[:, :-1]).float() / temperature
+    checked = 0
+    for b in range(rows.shape[0]):
+        for t in range(rows.shape[1] - 1):
+            if t > 0 and rows[b, t].item() in (0, 1):  # ended
+                break
+            token = rows[b, t + 1].item()
+            kth = logits[b, t].topk(top_k).values[-1]
+            probs = torch.where(logits[b, t] >= kth, logits[b, t], float("-inf")).softmax(-1)
+            assert logits[b, t, token] >= kth
+            assert probs[probs > probs[token]].sum() < top_p
+            checked += 1
+    assert checked > 100
+
+
+def test_sampling_frequencies_match_probabilities(pair):
+    """On a fixed prefix, each token's empirical rate is within 4.5 standard errors of its probability."""
+    model, _ = pair
+    ids, mask = random_batch(96, [9], seed=16)
+    n, temperature = 6000, 2.0
+    with torch.no_grad():
+        probs = (model(ids, mask, decoder_input_ids=torch.zeros(1, 1, dtype=torch.long))[0, -1].float()
+                 / temperature).softmax(-1)
+    rows = model.generate(ids.expand(n, -1), mask.expand(n, -1), do_sample=True, top_k=0, temperature=temperature,
+                          max_new_tokens=1, seed=4)
+    rate = torch.bincount(rows[:, 1], minlength=probs.numel()).double() / n
+    stderr = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert (probs > 0.005).sum() >= 20 and probs.max() > 0.05  # spread out, so the test means something
+    assert ((rate - probs).abs() <= 4.5 * stderr + 1e-3).all()
+
+
+def test_defaults_come_from_the_checkpoint(tmp_path):
+    """generation_config.json supplies defaults (transformers reads the same file); explicit arguments win."""
+    make_checkpoint(tmp_path, "relu-tied", seed=3)
+    settings = dict(num_beams=3, max_length=12, no_repeat_ngram_size=2, length_penalty=0.5, num_return_sequences=2)
+    gen = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps({**gen, **settings}))
+    model, ref = load_model(tmp_path, dtype=torch.float64), reference(tmp_path)
+    ids, mask = random_batch(96, LENGTHS, seed=17)
+    assert same_as_transformers(model, ref, ids, mask)
+    rows = model.generate(ids, mask)
+    assert rows.shape[0] == 2 * len(LENGTHS) and rows.shape[1] <= 12  # num_return_sequences, max_length
+    assert same_as_transformers(model, ref, ids, mask, num_beams=1, num_return_sequences=1, max_new_tokens=15)
+    assert model.generate(ids, mask, num_beams=1, num_return_sequences=1).shape[0] == len(LENGTHS)
+
+
+def test_score_equals_transformers_loss(pair):
+    model, ref = pair
+    ids, mask = random_batch(96, [7, 3, 12, 5], seed=18)
+    labels = torch.randint(2, 96, (4, 9))
+    labels[1, 4:] = -100
+    labels[3, 7:] = -100
+    with torch.no_grad():
+        loss = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
+    sums, counts = model.score(ids, mask, labels)
+    assert counts.tolist() == [9, 4, 9, 7]
+    torch.testing.assert_close(-sums.sum() / counts.sum(), loss, rtol=1e-10, atol=0)
+    # padding given as a mask instead of -100 scores the same
+    padded = labels.masked_fill(labels == -100, 0)
+    sums2, counts2 = model.score(ids, mask, padded, labels_mask=labels != -100)
+    assert torch.equal(sums, sums2) and torch.equal(counts, counts2)
+
+
+def test_returned_scores(pair):
+    model, ref = pair
+    ids, mask = random_batch(96, LENGTHS, seed=19)
+    kw = dict(max_new_tokens=20, num_beams=3, num_return_sequences=2, length_penalty=1.5)
+    rows, scores = model.generate(ids, mask, return_scores=True, **kw)
+    with torch.no_grad():
+        out = ref.generate(input_ids=ids, attention_mask=mask, output_scores=True, return_dict_in_generate=True, **kw)
+    assert torch.equal(rows, out.sequences)
+    torch.testing.assert_close(scores, out.sequences_scores, rtol=0, atol=0)
+    # greedy: the sum of the model's log-probabilities of the generated tokens, </s> included
+    rows, scores = model.generate(ids, mask, max_new_tokens=20, return_scores=True)
+    generated = rows[:, 1:]
+    after_end = (generated == 1).long().cumsum(1) - (generated == 1).long() > 0
+    sums, _ = model.score(ids, mask, generated.masked_fill(after_end, -100))
+    torch.testing.assert_close(scores.double(), sums, rtol=1e-5, atol=1e-5)
+
+
+def test_stream_yields_the_generated_tokens(pair):
+    model, _ = pair
+    ids, mask = random_batch(96, LENGTHS, seed=20)
+    for kw in [dict(max_new_tokens=20), dict(max_new_tokens=20, do_sample=True, top_p=0.9)]:
+        rows = model.generate(ids, mask, seed=9, **kw)
+        steps = list(model.stream(ids, mask, seed=9, **kw))
+        assert torch.equal(torch.stack(steps, 1), rows[:, 1:])
+    with pytest.raises(ValueError, match="streaming"):
+        next(model.stream(ids, mask, num_beams=2))
+
+
+def test_cli_stream_json_and_sampling(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    make_checkpoint(tmp_path, "gated-gelu-untied", seed=7, vocab_size=32128)
+    tok = Path(__file__).parent / "fixtures" / "flan-t5-small"
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model"):
+        shutil.copy(tok / f, tmp_path / f)
+
+    def run(*args):
+        r = subprocess.run([sys.executable, "-m", "nanoflant5", "generate", "--model", str(tmp_path), "--prompt",
+                            "How do I make pesto sauce?", "--prompt", "Say hi.", *args], capture_output=True,
+                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    plain = run("--max-new-tokens", "24")
+    assert run("--max-new-tokens", "24", "--stream") == plain
+    sampled = ["--do-sample", "--top-p", "0.9", "--temperature", "0.8", "--max-new-tokens", "24", "--seed", "3"]
+    assert run(*sampled) == run(*sampled) != run(*sampled[:-1], "4")
+    rows = [json.loads(line) for line in run("--max-new-tokens", "24", "--json").splitlines()]
+    assert [r["prompt"] for r in rows] == [0, 1] and [r["text"] + "\n" for r in rows] == plain.splitlines(True)
+    assert all(r["score"] < 0 for r in rows)
