@@ -58,6 +58,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="truncate prompts to this many tokens (default: no truncation)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", choices=DTYPES, default="float32")
+
+    t = sub.add_parser("train", help="fine-tune on a JSONL or TSV file (torchrun for several processes)")
+    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    t.add_argument("--model", required=True, help="folder or hub id to start from")
+    t.add_argument("--data", required=True, help="JSONL (input/target fields) or TSV (input, target)")
+    t.add_argument("--output", required=True, help="run folder: checkpoints, metrics.jsonl, the final model")
+    t.add_argument("--eval-data", "--eval_data", dest="eval_data")
+    length = t.add_mutually_exclusive_group()
+    length.add_argument("--max-steps", "--max_steps", dest="max_steps", type=int, help="optimizer steps")
+    length.add_argument("--epochs", type=float, help="passes over the data (default 1)")
+    for flag, kind, default, text in [
+            ("batch-size", int, 8, "examples per process per micro-batch"),
+            ("grad-accum", int, 1, "micro-batches per optimizer step"),
+            ("lr", float, 3e-4, "peak learning rate"), ("warmup-steps", int, 0, "linear warm-up steps"),
+            ("weight-decay", float, 0.0, None), ("max-grad-norm", float, 1.0, "gradient clipping (0: off)"),
+            ("max-input-length", int, 512, "tokens"), ("max-target-length", int, 128, "tokens"),
+            ("dropout", float, None, "overrides the checkpoint's dropout rate"),
+            ("eval-every", int, 0, "steps (0: at the end)"), ("save-every", int, 0, "steps (0: at the end)"),
+            ("seed", int, 0, None), ("input-field", str, None, "JSONL field of the input"),
+            ("target-field", str, None, "JSONL field of the target"),
+            ("tokenizer", str, None, "tokenizer folder or hub id (default: the model's)")]:
+        t.add_argument(f"--{flag}", f"--{flag.replace('-', '_')}", dest=flag.replace("-", "_"), type=kind,
+                       default=default, help=text)
+    t.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="constant")
+    t.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
+    t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="bfloat16: autocast with float32 master weights")
+    for flag, text in [("grad-checkpointing", "recompute activations in backward (less memory)"),
+                       ("resume", "continue from the newest checkpoint in --output"),
+                       ("overwrite", "replace an existing --output folder"),
+                       ("from-scratch", "random weights for the model's config.json"),
+                       ("fsdp", "shard the model over processes (FSDP2) instead of replicating it (DDP)")]:
+        t.add_argument(f"--{flag}", f"--{flag.replace('-', '_')}", dest=flag.replace("-", "_"), action="store_true",
+                       help=text)
     return parser
 
 
@@ -164,11 +198,21 @@ def stream_text(token_steps, tokenizer):
     print(tokenizer.decode(ids)[len(shown):], flush=True)
 
 
+def cmd_train(args) -> int:
+    from .train import TrainArgs, train
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "debug")}
+    try:
+        return train(TrainArgs(**fields))
+    except FileExistsError as e:  # the run folder is there: the user must say --resume or --overwrite
+        raise UsageError(str(e)) from e
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"generate": cmd_generate}[args.command](args)
+        return {"generate": cmd_generate, "train": cmd_train}[args.command](args)
     except UsageError as e:
         if args.debug:
             traceback.print_exc()

@@ -50,10 +50,18 @@ def process_scores(scores, tokens, t: int, g: GenerationConfig, eos: int, min_ke
     return scores
 
 
-def make_generator(seed, generator, device):
-    if generator is not None or seed is None:
-        return generator  # None: torch's global random stream, as transformers uses
-    return torch.Generator(device=device).manual_seed(seed)
+def prepare(model: T5, input_ids, attention_mask, seed, generator, kwargs):
+    """The generation settings (checkpoint defaults, then kwargs), the attention mask, and the random stream
+    (None: torch's global one, as transformers uses)."""
+    g = model.generation_config.update(**kwargs)
+    g.check()
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be 2-D [batch, length], got shape {list(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    return g, attention_mask, generator
 
 
 @torch.inference_mode()
@@ -66,13 +74,7 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
     seed or generator makes sampling repeatable. return_scores=True also returns a float32 score per row: for beam
     search transformers' sequence score (sum of processed log-probabilities / length**length_penalty), otherwise
     the sum of the model's log-probabilities of the generated tokens (</s> included)."""
-    g = model.generation_config.update(**kwargs)
-    g.check()
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be 2-D [batch, length], got shape {list(input_ids.shape)}")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    rng = make_generator(seed, generator, input_ids.device)
+    g, attention_mask, rng = prepare(model, input_ids, attention_mask, seed, generator, kwargs)
     encoded = model.encode(input_ids, attention_mask)
     B = input_ids.shape[0]
     if g.num_beams == 1:
@@ -91,13 +93,9 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
 def stream(model: T5, input_ids, attention_mask=None, *, seed=None, generator=None, **kwargs):
     """Greedy or sampled decoding that yields each step's new tokens, a LongTensor [batch] (padding for rows that
     already ended), as soon as they are chosen. The tokens are those generate() returns for the same arguments."""
-    g = model.generation_config.update(**kwargs)
-    g.check()
+    g, attention_mask, rng = prepare(model, input_ids, attention_mask, seed, generator, kwargs)
     if g.num_beams != 1 or g.num_return_sequences != 1:
         raise ValueError("streaming supports greedy decoding and sampling with one sequence per input")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    rng = make_generator(seed, generator, input_ids.device)
     step, _ = decoder_steps(model, model.encode(input_ids, attention_mask), attention_mask, 1, g.new_tokens + 1)
     for rows, _ in token_steps(step, input_ids.shape[0], model.config, g, rng, input_ids.device):
         if rows.shape[1] > 1:

@@ -186,6 +186,12 @@ def open_checkpoint(folder: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------- building
 
 
+def param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The float16 policy, in this one place: FLAN-T5's feed-forward outputs overflow float16 (inf, then NaN), so
+    under float16 the output projections `wo` stay float32 (model.py casts their input), as in transformers."""
+    return torch.float32 if dtype == torch.float16 and name.endswith("ffn.wo.weight") else dtype
+
+
 def load_model(name_or_path, dtype=None, device=None) -> T5:
     """Read config.json and the weights of a T5 checkpoint into a T5 in eval mode (float32 unless dtype is given)."""
     folder = resolve(name_or_path)
@@ -221,7 +227,7 @@ def load_model(name_or_path, dtype=None, device=None) -> T5:
         if any(s != part_shape for s in shapes):
             bad.extend(f"{p} {list(s)} (expected {list(part_shape)})" for p, s in zip(parts, shapes) if s != part_shape)
             continue
-        tensor = torch.empty(expected, dtype=dtype, device=device)
+        tensor = torch.empty(expected, dtype=param_dtype(ours, dtype), device=device)
         for i, p in enumerate(parts):  # fused projections: each part fills its own rows
             files[p].read_into(p, tensor[i * part_shape[0]:(i + 1) * part_shape[0]])
         state[ours] = tensor
@@ -239,3 +245,40 @@ def load_model(name_or_path, dtype=None, device=None) -> T5:
         model.lm_head.weight = model.shared.weight
     model.generation_config = GenerationConfig.from_folder(folder)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------- saving
+
+
+def save_pretrained(model: T5, folder) -> Path:
+    """Write `model` in the Hugging Face layout (config.json, generation_config.json, model.safetensors), readable
+    by T5.from_pretrained and transformers' T5ForConditionalGeneration. Fused projections are split back; a tied
+    output layer is not written twice. Files are written under temporary names and renamed into place."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    tied = model.lm_head.weight is model.shared.weight
+    params = dict(model.named_parameters(remove_duplicate=False))
+    tensors = {}
+    for ours, parts in checkpoint_names(config).items():
+        if tied and ours == "lm_head.weight":
+            continue
+        for part, tensor in zip(parts, params[ours].detach().chunk(len(parts), dim=0)):
+            tensors[part] = tensor.to("cpu", copy=True).contiguous()
+    hf_config = dict(config.to_hf_dict(), tie_word_embeddings=tied)
+    defaults = dataclasses.asdict(GenerationConfig())
+    generation = {k: v for k, v in dataclasses.asdict(model.generation_config).items() if v != defaults[k]}
+    generation.update(decoder_start_token_id=config.decoder_start_token_id, eos_token_id=config.eos_token_id,
+                      pad_token_id=config.pad_token_id)
+    files = {"model.safetensors": lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+             "config.json": lambda p: Path(p).write_text(json.dumps(hf_config, indent=2) + "\n"),
+             "generation_config.json": lambda p: Path(p).write_text(json.dumps(generation, indent=2) + "\n")}
+    for name, write in files.items():
+        tmp = folder / f".{name}.tmp"
+        write(str(tmp))
+        os.replace(tmp, folder / name)
+    return folder

@@ -6,7 +6,9 @@ feed-forward layer to a gated GELU and untie the output layer. transformers' mod
 reference; parameter names here are our own (load.py maps the checkpoint's names onto them).
 
 Precision policy (the only one): parameters and activations run in the model's dtype; RMSNorm takes its mean
-square in float32; generation scores tokens in float32 (generate.py).
+square in float32; generation scores tokens in float32 (generate.py). float16 only: the feed-forward output
+projections `wo` stay float32 (load.py), so their outputs, which exceed float16's range in FLAN-T5, and the residual
+stream they join are float32 — transformers' policy for T5 (_keep_in_fp32_modules = ["wo"]).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import GenerationConfig, T5Config
 
@@ -143,7 +146,7 @@ class FeedForward(nn.Module):
             h = self.act(gate) * linear
         else:
             h = self.act(h)
-        return self.wo(self.dropout(h))
+        return self.wo(self.dropout(h).to(self.wo.weight.dtype))  # float32 under the float16 policy (load.py)
 
 
 class EncoderBlock(nn.Module):
@@ -178,6 +181,13 @@ class DecoderBlock(nn.Module):
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
+def run_block(block, checkpointing: bool, *args):
+    """A block's forward; with activation checkpointing (training) its activations are recomputed in backward."""
+    if checkpointing and torch.is_grad_enabled():
+        return checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
+
+
 def padding_mask(attention_mask, dtype):
     """(B, S) 1/0 mask -> additive (B, 1, 1, S) float mask: 0 where attended, the dtype's minimum where padded."""
     pad = attention_mask[:, None, None, :] == 0
@@ -191,6 +201,7 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.num_layers))
         self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
+        self.checkpointing = False  # activation checkpointing, for training large models
 
     def forward(self, x, attention_mask=None):
         """x: embedded input (B, S, d_model); attention_mask: (B, S), 0 at padding."""
@@ -200,7 +211,7 @@ class Encoder(nn.Module):
             bias = bias.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(bias.dtype).min)  # (B, H, S, S)
         x = self.dropout(x)
         for block in self.blocks:
-            x = block(x, bias)
+            x = run_block(block, self.checkpointing, x, bias)
         return self.dropout(self.final_norm(x))
 
 
@@ -211,6 +222,7 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.num_decoder_layers))
         self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
+        self.checkpointing = False
 
     def causal_bias(self, T: int):
         """Relative position bias with the causal mask folded in: (1, H, T, T)."""
@@ -227,7 +239,8 @@ class Decoder(nn.Module):
         cross_kv: project(encoded); cache: a KVCache (generation) or None (teacher forcing)."""
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, bias, cross_kv[i], cross_mask, None if cache is None else cache.kv[i], pos)
+            x = run_block(block, self.checkpointing, x, bias, cross_kv[i], cross_mask,
+                          None if cache is None else cache.kv[i], pos)
         return self.dropout(self.final_norm(x))
 
 
@@ -257,6 +270,37 @@ class T5(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Random initialisation as Mesh TensorFlow (and transformers) does it: embeddings N(0, 1); the query
+        projection N(0, (d_model * d_kv)^-1/2), which stands in for attention's 1/sqrt(d) scaling; every other
+        projection N(0, fan_in^-1/2), an untied output layer too (transformers draws it N(0, 1), which makes the
+        first logits of a from-scratch model ~sqrt(d_model) large); norms 1."""
+        c = self.config
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name == "shared.weight":
+                p.normal_(0.0, 1.0)
+            elif name.endswith("attn.qkv.weight") or name.endswith("cross.q.weight"):
+                p.normal_(0.0, c.d_model ** -0.5)
+                p[:c.inner_dim].normal_(0.0, (c.d_model * c.d_kv) ** -0.5)  # the query rows
+            else:  # k, v, o, wi, wo, relative position bias
+                p.normal_(0.0, (c.d_model if "relative_bias" in name else p.shape[1]) ** -0.5)
+        return self
+
+    def set_dropout(self, p: float):
+        """Set every dropout rate (residual, feed-forward, attention weights) to p."""
+        self.config.dropout_rate = p
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = p
+            elif isinstance(module, (SelfAttention, CrossAttention)):
+                module.dropout = p
+
+    def set_checkpointing(self, enabled: bool = True):
+        self.encoder.checkpointing = self.decoder.checkpointing = enabled
 
     def encode(self, input_ids, attention_mask=None):
         return self.encoder(self.shared(input_ids), attention_mask)

@@ -107,13 +107,16 @@ class Tokenizer:
         """Token ids of one text, ending with </s>, as AutoTokenizer(text).input_ids."""
         return self._tok.encode(text).ids
 
-    def encode(self, texts: str | list[str], max_length: int | None = None):
-        """Batch encode, right-padded: (input_ids, attention_mask), both LongTensor [batch, longest].
-        max_length truncates each text to that many tokens, keeping the final </s>."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        rows = [e.ids for e in self._tok.encode_batch(texts)]
+    def encode_rows(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
+        """Token ids of each text, ending with </s>; max_length truncates, keeping the final </s>."""
+        rows = [e.ids for e in self._tok.encode_batch(list(texts))]
         if max_length is not None:
             rows = [r if len(r) <= max_length else r[:max_length - 1] + [self.eos_token_id] for r in rows]
+        return rows
+
+    def encode(self, texts: str | list[str], max_length: int | None = None):
+        """Batch encode, right-padded: (input_ids, attention_mask), both LongTensor [batch, longest]."""
+        rows = self.encode_rows([texts] if isinstance(texts, str) else texts, max_length)
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)

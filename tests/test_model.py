@@ -72,7 +72,8 @@ def test_other_dtypes_track_float64(checkpoint, dtype):
     with torch.no_grad():
         exact = load_model(folder, dtype=torch.float64)(ids, mask, dec)
         model = load_model(folder, dtype=dtype)
-        assert all(p.dtype == dtype for p in model.parameters())
+        for name, p in model.named_parameters():  # float16 policy: the FFN output projections stay float32
+            assert p.dtype == (torch.float32 if dtype == torch.float16 and name.endswith("ffn.wo.weight") else dtype)
         got = model(ids, mask, dec)
     assert got.dtype == dtype and torch.isfinite(got).all()
     tol = {torch.float32: 1e-4, torch.bfloat16: 0.1, torch.float16: 0.02}[dtype]
