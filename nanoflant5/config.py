@@ -174,7 +174,7 @@ class GenerationConfig:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
         if self.max_new_tokens is not None:
-            integer("max_new_tokens", 0)
+            integer("max_new_tokens", 1)  # transformers refuses 0 too
         elif self.max_length is not None:
             integer("max_length", 1)
         for name in ("min_new_tokens", "min_length", "no_repeat_ngram_size"):

@@ -93,7 +93,7 @@ def test_seed_command_offline_names_the_model(tmp_path):
 
 @pytest.mark.parametrize("args, status, message", [
     (["--num-beams", "0"], 2, "error: --num-beams must be an integer >= 1"),
-    (["--max-new-tokens", "-3"], 2, "error: --max-new-tokens must be an integer >= 0"),
+    (["--max-new-tokens", "-3"], 2, "error: --max-new-tokens must be an integer >= 1"),
     (["--num-beams", "2", "--num-return-sequences", "3"], 2, "error: --num-return-sequences (3) must be <="),
     (["--model", "/no/such/model"], 1, "error: /no/such/model: no such folder"),
     (["--input-file", "/no/such/file.txt"], 2, "error: --input-file /no/such/file.txt: No such file"),

@@ -17,6 +17,9 @@ from helpers import make_checkpoint, random_batch, reference
 from nanoflant5 import T5, Tokenizer
 from nanoflant5.train import DataError, loss_sum, read_examples
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "examples"))
+import reverse_words  # noqa: E402
+
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKENIZER = FIXTURES / "flan-t5-small"
 TINY = Path(__file__).parents[1] / "examples" / "tiny-t5"
@@ -27,15 +30,9 @@ def write_jsonl(path, rows):
     return path
 
 
-def reverse_data(path, n, seed=0, words=("red", "blue", "cat", "dog", "sun", "moon", "tree", "rain")):
-    import random
-
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        w = rng.choices(words, k=rng.randint(2, 3))
-        rows.append({"input": "reverse: " + " ".join(w), "target": " ".join(reversed(w))})
-    return write_jsonl(path, rows)
+def reverse_data(path, n, seed=0):
+    """The toy task of examples/reverse_words.py: reverse lists of 2-3 words drawn from 8."""
+    return reverse_words.write(path, reverse_words.examples(n, seed=seed))
 
 
 def run_train(*args, env=None, check=True, **popen):
@@ -168,20 +165,28 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     assert saved and torch.load(saved[-1], weights_only=False)["step"] >= 2
 
 
-def test_grad_accum_and_two_processes_equal_one_big_batch(tmp_path):
-    """Global batch 8: 1 process x 8, 1 process x 4 x 2 accumulation, 2 processes (gloo) x 4 — same weights."""
-    data = reverse_data(tmp_path / "d.jsonl", 100)
-    args = [*COMMON, "--data", data, "--max-steps", "4", "--dropout", "0"]
-    run_train(*args, "--output", tmp_path / "one", "--batch-size", "8")
-    run_train(*args, "--output", tmp_path / "accum", "--batch-size", "4", "--grad-accum", "2")
+def torchrun(*args):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                         f"--master_port={port}", "--master_addr=127.0.0.1", "-m", "nanoflant5", "train",
-                        *map(str, args), "--output", str(tmp_path / "two"), "--batch-size", "4"],
-                       capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                        *map(str, args)], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_grad_accum_and_two_processes_equal_one_big_batch(tmp_path):
+    """Global batch 8: 1 process x 8, 1 process x 4 x 2 accumulation, 2 processes (gloo) x 4 with DDP and with
+    FSDP2 — the same weights."""
+    data = reverse_data(tmp_path / "d.jsonl", 100)
+    args = [*COMMON, "--data", data, "--max-steps", "4", "--dropout", "0", "--save-every", "2"]
+    run_train(*args, "--output", tmp_path / "one", "--batch-size", "8")
+    run_train(*args, "--output", tmp_path / "accum", "--batch-size", "4", "--grad-accum", "2")
+    torchrun(*args, "--output", tmp_path / "two", "--batch-size", "4")
+    torchrun(*args, "--output", tmp_path / "fsdp", "--batch-size", "4", "--fsdp")
+    assert_same_weights(tmp_path / "fsdp", tmp_path / "two", atol=1e-6)
+    assert len(list((tmp_path / "fsdp" / "checkpoints").glob("step-*.pt"))) == 2
     # float tolerance: summation order differs, and Adam's normalisation can magnify it on near-zero gradients
     # (measured: 1 element of 10.6M differs by 4e-5; a wrong batch split or loss scaling differs by ~lr = 3e-3)
     assert_same_weights(tmp_path / "accum", tmp_path / "one", atol=1e-4)
