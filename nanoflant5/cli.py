@@ -18,8 +18,14 @@ class UsageError(Exception):
     """Misuse of the command line (exit status 2)."""
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other error (argparse would print the usage first)
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanoflant5", description=__doc__.splitlines()[0])
+    parser = Parser(prog="nanoflant5", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the full traceback of errors")
     sub = parser.add_subparsers(dest="command", required=True)
 

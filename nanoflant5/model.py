@@ -120,10 +120,12 @@ class CrossAttention(nn.Module):
         k, v = self.kv(encoded).view(B, S, 2, self.n_heads, self.d_kv).permute(2, 0, 3, 1, 4)  # 2 x (B, H, S, D)
         return k, v
 
-    def forward(self, x, kv, mask):
+    def forward(self, x, memory, mask):
+        """memory: the encoder output (B, S, d_model), or its keys and values from project() (generation)."""
         B, T, _ = x.shape
+        k, v = self.project(memory) if torch.is_tensor(memory) else memory
         q = self.q(x).view(B, T, self.n_heads, self.d_kv).transpose(1, 2)  # (B, H, T, D)
-        y = attention(q, *kv, mask, self.dropout if self.training else 0.0)
+        y = attention(q, k, v, mask, self.dropout if self.training else 0.0)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -175,9 +177,9 @@ class DecoderBlock(nn.Module):
         self.ffn_norm, self.ffn = RMSNorm(config.d_model, eps), FeedForward(config)
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, x, bias, cross_kv, cross_mask, cache=None, pos: int = 0):
+    def forward(self, x, bias, memory, cross_mask, cache=None, pos: int = 0):
         x = x + self.dropout(self.attn(self.attn_norm(x), bias, cache, pos))
-        x = x + self.dropout(self.cross(self.cross_norm(x), cross_kv, cross_mask))
+        x = x + self.dropout(self.cross(self.cross_norm(x), memory, cross_mask))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
@@ -234,13 +236,14 @@ class Decoder(nn.Module):
         """Every layer's cross-attention keys and values for the encoder output."""
         return [block.cross.project(encoded) for block in self.blocks]
 
-    def forward(self, x, bias, cross_kv, cross_mask, cache=None, pos: int = 0):
+    def forward(self, x, bias, memory, cross_mask, cache=None, pos: int = 0):
         """x: embedded decoder input (B, T, d_model) at positions pos..pos+T-1; bias: causal_bias rows for them;
-        cross_kv: project(encoded); cache: a KVCache (generation) or None (teacher forcing)."""
+        memory: the encoder output, or project() of it (generation: computed once, reused every step);
+        cache: a KVCache (generation) or None (teacher forcing)."""
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
-            x = run_block(block, self.checkpointing, x, bias, cross_kv[i], cross_mask,
-                          None if cache is None else cache.kv[i], pos)
+            x = run_block(block, self.checkpointing, x, bias, memory if torch.is_tensor(memory) else memory[i],
+                          cross_mask, None if cache is None else cache.kv[i], pos)
         return self.dropout(self.final_norm(x))
 
 
@@ -314,7 +317,7 @@ class T5(nn.Module):
         """Teacher-forced decoder pass over whole sequences: logits (B, T, vocab)."""
         cross_mask = None if attention_mask is None else padding_mask(attention_mask, encoded.dtype)
         bias = self.decoder.causal_bias(decoder_input_ids.shape[1])
-        hidden = self.decoder(self.shared(decoder_input_ids), bias, self.decoder.project(encoded), cross_mask)
+        hidden = self.decoder(self.shared(decoder_input_ids), bias, encoded, cross_mask)
         return self.logits(hidden)
 
     def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, labels=None):

@@ -14,7 +14,8 @@ from nanoflant5.cli import build_parser
 
 TOKENIZER = Path(__file__).parent / "fixtures" / "flan-t5-small"
 PROMPTS = ["How do I make pesto sauce?", "Translate to German: The house is wonderful.", "",
-           "Résumé of the año: 東京 and Köln"]
+           "Résumé of the año: 東京 and Köln",
+           "summarize: " + " ".join(f"sentence {i} says something about pesto and basil." for i in range(90))]
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,11 @@ def test_seed_command_offline_names_the_model(tmp_path):
     (["--num-beams", "2", "--num-return-sequences", "3"], 2, "error: --num-return-sequences (3) must be <="),
     (["--model", "/no/such/model"], 1, "error: /no/such/model: no such folder"),
     (["--input-file", "/no/such/file.txt"], 2, "error: --input-file /no/such/file.txt: No such file"),
+    (["--do-sample", "--top-p", "1.5"], 2, "error: --top-p must be in (0, 1]"),
+    (["--do-sample", "--top-p", "0"], 2, "error: --top-p must be in (0, 1]"),
+    (["--do-sample", "--temperature", "0"], 2, "error: --temperature must be > 0 when sampling"),
+    (["--stream", "--num-beams", "2"], 2, "error: --stream works with greedy decoding and sampling"),
+    (["--num-beams", "x"], 2, "error: argument --num-beams/--num_beams: invalid int value: 'x'"),
 ])
 def test_errors_are_one_line(model_dir, args, status, message):
     base = ["generate", "--prompt", "hi"] if "--model" in args else ["generate", "--model", str(model_dir),
@@ -105,6 +111,31 @@ def test_errors_are_one_line(model_dir, args, status, message):
     assert result.returncode == status
     assert result.stderr.startswith(message), result.stderr
     assert result.stderr.count("\n") == 1 and result.stdout == ""
+
+
+def test_broken_model_folders(model_dir, tmp_path):
+    """Each broken folder gets one line naming the problem (exit 1), never a traceback."""
+    def broken(name, edit):
+        folder = tmp_path / name
+        shutil.copytree(model_dir, folder)
+        edit(folder)
+        return folder
+
+    cases = {
+        "no config.json": broken("noconfig", lambda f: (f / "config.json").unlink()),
+        "model_type is 'bert'": broken("bert", lambda f: (f / "config.json").write_text(
+            (f / "config.json").read_text().replace('"model_type": "t5"', '"model_type": "bert"'))),
+        "unsupported feed_forward_proj": broken("ffn", lambda f: (f / "config.json").write_text(
+            (f / "config.json").read_text().replace('"gated-gelu"', '"gated-swishy"'))),
+        "truncated": broken("truncated", lambda f: (f / "model.safetensors").write_bytes(
+            (f / "model.safetensors").read_bytes()[:5000])),
+        "no weights": broken("noweights", lambda f: (f / "model.safetensors").unlink()),
+    }
+    for message, folder in cases.items():
+        result = run("generate", "--model", str(folder), "--prompt", "hi")
+        assert result.returncode == 1, (message, result.stderr)
+        assert result.stderr.startswith("error: ") and message in result.stderr, (message, result.stderr)
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
 def test_input_file_not_utf8_names_the_line(model_dir, tmp_path):

@@ -185,7 +185,7 @@ def test_grad_accum_and_two_processes_equal_one_big_batch(tmp_path):
     run_train(*args, "--output", tmp_path / "accum", "--batch-size", "4", "--grad-accum", "2")
     torchrun(*args, "--output", tmp_path / "two", "--batch-size", "4")
     torchrun(*args, "--output", tmp_path / "fsdp", "--batch-size", "4", "--fsdp")
-    assert_same_weights(tmp_path / "fsdp", tmp_path / "two", atol=1e-6)
+    assert_same_weights(tmp_path / "fsdp", tmp_path / "two", atol=1e-4)
     assert len(list((tmp_path / "fsdp" / "checkpoints").glob("step-*.pt"))) == 2
     # float tolerance: summation order differs, and Adam's normalisation can magnify it on near-zero gradients
     # (measured: 1 element of 10.6M differs by 4e-5; a wrong batch split or loss scaling differs by ~lr = 3e-3)
