@@ -1,6 +1,7 @@
 """Property tests (hypothesis): generate() over random argument combinations against transformers, and tokenizer
 round trips."""
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,11 @@ from nanoflant5 import Tokenizer
 from nanoflant5.load import load_model
 
 TOKENIZER = Path(__file__).parent / "fixtures" / "flan-t5-small"
+
+
+@functools.cache
+def tokenizer():
+    return Tokenizer.from_pretrained(TOKENIZER)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +71,7 @@ def plain_text(draw):
 @settings(max_examples=200, deadline=None)
 @given(plain_text())
 def test_tokenizer_round_trip(text):
-    tok = Tokenizer.from_pretrained(TOKENIZER)
+    tok = tokenizer()
     ids = tok.encode_ids(text)
     assert ids[-1] == 1 and all(0 <= i < 32128 for i in ids)
     assert tok.decode(ids) == " ".join(text.split())  # whitespace runs collapse, as SentencePiece does
@@ -74,7 +80,7 @@ def test_tokenizer_round_trip(text):
 @settings(max_examples=100, deadline=None)
 @given(st.text(max_size=200))
 def test_tokenizer_takes_any_text(text):
-    tok = Tokenizer.from_pretrained(TOKENIZER)
+    tok = tokenizer()
     ids, mask = tok.encode([text, "x"])
     assert ids.shape == mask.shape and ids[0, mask[0].sum() - 1] == 1
     assert isinstance(tok.decode(ids[0]), str)
