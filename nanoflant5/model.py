@@ -80,9 +80,46 @@ class RelativePositionBias(nn.Module):
         return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)  # (1, H, q_len, k_len)
 
 
+class FlexBias:
+    """The relative position bias and the masks of one attention pattern as FlexAttention modifiers (PyTorch's
+    flex_attention, Dong et al. 2024): the bias is looked up from the (buckets, heads) table inside the fused kernel,
+    and padding/causality become a block mask, instead of a dense (B, H, T, S) float mask. Used on CUDA by default
+    (see T5.attention_backend); on CPU it is compiled on first use (tens of seconds)."""
+
+    _compiled = None
+
+    def __init__(self, rel: RelativePositionBias, q_len: int, k_len: int, key_mask=None, causal: bool = False):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        table = rel.embedding.weight  # (num_buckets, H)
+
+        def score_mod(score, b, h, q, kv):
+            bucket = relative_position_bucket(kv - q, rel.bidirectional, rel.num_buckets, rel.max_distance)
+            return score + table[bucket, h].to(score.dtype)
+
+        self.score_mod, self.block_mask = score_mod, None
+        if causal:
+            self.block_mask = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, q_len, k_len,
+                                                device=table.device)
+        elif key_mask is not None:
+            keep = key_mask.bool()
+            self.block_mask = create_block_mask(lambda b, h, q, kv: keep[b, kv], keep.shape[0], None, q_len, k_len,
+                                                device=table.device)
+
+    def __call__(self, q, k, v):
+        if FlexBias._compiled is None:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            FlexBias._compiled = torch.compile(flex_attention, dynamic=False)
+        return FlexBias._compiled(q, k, v, score_mod=self.score_mod, block_mask=self.block_mask, scale=1.0)
+
+
 def attention(q, k, v, bias, dropout: float):
     """Scaled dot-product attention without the 1/sqrt(d) scaling: T5 folds it into the initialisation of the query
-    projection (Mesh TensorFlow). `bias` is a float mask: relative position bias plus -inf-like masks."""
+    projection (Mesh TensorFlow). `bias` is a float mask (relative position bias plus -inf-like masks) for SDPA, or
+    a FlexBias."""
+    if isinstance(bias, FlexBias):
+        return bias(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=1.0)
 
 
@@ -183,6 +220,14 @@ class DecoderBlock(nn.Module):
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
 
+def use_flex(stack, x) -> bool:
+    """FlexAttention for a stack's self-attention: when asked for, or ("auto") on CUDA unless attention dropout is
+    active (flex_attention has none)."""
+    if stack.attention_backend == "auto":
+        return x.is_cuda and not (stack.training and stack.dropout.p > 0)
+    return stack.attention_backend == "flex"
+
+
 def run_block(block, checkpointing: bool, *args):
     """A block's forward; with activation checkpointing (training) its activations are recomputed in backward."""
     if checkpointing and torch.is_grad_enabled():
@@ -204,13 +249,17 @@ class Encoder(nn.Module):
         self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
         self.checkpointing = False  # activation checkpointing, for training large models
+        self.attention_backend = "auto"  # see T5.set_attention_backend
 
     def forward(self, x, attention_mask=None):
         """x: embedded input (B, S, d_model); attention_mask: (B, S), 0 at padding."""
         S = x.shape[1]
-        bias = self.relative_bias(S, S)  # (1, H, S, S)
-        if attention_mask is not None:
-            bias = bias.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(bias.dtype).min)  # (B, H, S, S)
+        if use_flex(self, x):
+            bias = FlexBias(self.relative_bias, S, S, key_mask=attention_mask)
+        else:
+            bias = self.relative_bias(S, S)  # (1, H, S, S)
+            if attention_mask is not None:
+                bias = bias.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(bias.dtype).min)  # (B,H,S,S)
         x = self.dropout(x)
         for block in self.blocks:
             x = run_block(block, self.checkpointing, x, bias)
@@ -225,6 +274,7 @@ class Decoder(nn.Module):
         self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
         self.dropout = nn.Dropout(config.dropout_rate)
         self.checkpointing = False
+        self.attention_backend = "auto"
 
     def causal_bias(self, T: int):
         """Relative position bias with the causal mask folded in: (1, H, T, T)."""
@@ -305,6 +355,14 @@ class T5(nn.Module):
     def set_checkpointing(self, enabled: bool = True):
         self.encoder.checkpointing = self.decoder.checkpointing = enabled
 
+    def set_attention_backend(self, backend: str):
+        """Self-attention with the relative bias through "sdpa" (a dense float mask), "flex" (FlexAttention, the bias
+        computed in the kernel), or "auto" (flex on CUDA, sdpa on CPU). Decoding steps always use SDPA."""
+        if backend not in ("auto", "sdpa", "flex"):
+            raise ValueError(f"attention backend must be auto, sdpa or flex, got {backend!r}")
+        self.encoder.attention_backend = self.decoder.attention_backend = backend
+        return self
+
     def encode(self, input_ids, attention_mask=None):
         return self.encoder(self.shared(input_ids), attention_mask)
 
@@ -316,8 +374,11 @@ class T5(nn.Module):
     def decode(self, decoder_input_ids, encoded, attention_mask=None):
         """Teacher-forced decoder pass over whole sequences: logits (B, T, vocab)."""
         cross_mask = None if attention_mask is None else padding_mask(attention_mask, encoded.dtype)
-        bias = self.decoder.causal_bias(decoder_input_ids.shape[1])
-        hidden = self.decoder(self.shared(decoder_input_ids), bias, encoded, cross_mask)
+        T = decoder_input_ids.shape[1]
+        x = self.shared(decoder_input_ids)
+        bias = (FlexBias(self.decoder.relative_bias, T, T, causal=True) if use_flex(self.decoder, x)
+                else self.decoder.causal_bias(T))
+        hidden = self.decoder(x, bias, encoded, cross_mask)
         return self.logits(hidden)
 
     def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, labels=None):

@@ -112,3 +112,21 @@ def test_tied_model_shares_one_parameter(checkpoint):
     assert not any(p.is_meta for p in model.parameters())
     untied = T5.from_pretrained(checkpoint("gated-gelu-untied")[0])
     assert untied.lm_head.weight is not untied.shared.weight
+
+
+def test_flex_attention_matches_sdpa(checkpoint):
+    """The FlexAttention path (bias computed in the kernel, padding and causality as block masks) gives SDPA's
+    logits, and generate() the same rows. float32: FlexAttention on CPU has no float64 and no backward."""
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = T5.from_pretrained(folder)
+    ids, mask = random_batch(96, [7, 3, 40, 5], seed=1)  # 40 > relative_attention_max_distance
+    dec = torch.randint(0, 96, (4, 24))
+    with torch.no_grad():
+        dense = model.set_attention_backend("sdpa")(ids, mask, dec)
+        rows = model.generate(ids, mask, max_new_tokens=12, num_beams=2)
+        flex = model.set_attention_backend("flex")(ids, mask, dec)
+        flex_rows = model.generate(ids, mask, max_new_tokens=12, num_beams=2)
+    torch.testing.assert_close(flex, dense, rtol=0, atol=1e-4)
+    assert torch.equal(flex_rows, rows)
+    with pytest.raises(ValueError, match="backend"):
+        model.set_attention_backend("magic")
