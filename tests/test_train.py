@@ -140,13 +140,16 @@ def test_kill_9_and_resume_equals_uninterrupted(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "model.safetensors").exists(), "the run finished before it could be killed"
+    # a checkpoint write cut short leaves only a temporary file, which resuming ignores
+    (out / "checkpoints" / ".step-0000099.pt.tmp").write_bytes(b"half a checkpoint")
     run_train(*args, "--output", out, "--resume")
     assert_same_weights(out, tmp_path / "straight", atol=1e-6)
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps[-1] == 16
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_saves_and_exits_cleanly(tmp_path, signum):
     data = reverse_data(tmp_path / "d.jsonl", 200)
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "nanoflant5", "train", *map(str, COMMON), "--data", str(data),
@@ -157,9 +160,9 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM
+    assert proc.returncode == 128 + signum
     assert "checkpoint saved" in stderr and "Traceback" not in stderr
     saved = sorted((out / "checkpoints").glob("step-*.pt"))
     assert saved and torch.load(saved[-1], weights_only=False)["step"] >= 2
