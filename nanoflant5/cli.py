@@ -205,13 +205,16 @@ def stream_text(token_steps, tokenizer):
 
 
 def cmd_train(args) -> int:
-    from .train import TrainArgs, train
+    from pathlib import Path
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "debug")}
-    try:
-        return train(TrainArgs(**fields))
-    except FileExistsError as e:  # the run folder is there: the user must say --resume or --overwrite
+    from .train import TrainArgs, check_args, train
+
+    settings = TrainArgs(**{k: v for k, v in vars(args).items() if k not in ("command", "debug")})
+    try:  # bad values, or a run folder that is there without --resume/--overwrite: misuse
+        check_args(settings, Path(settings.output))
+    except (ValueError, FileExistsError) as e:
         raise UsageError(str(e)) from e
+    return train(settings)
 
 
 def main(argv=None) -> int:
