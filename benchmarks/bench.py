@@ -33,6 +33,7 @@ SETTINGS = [("greedy b1", 1, 1), ("beam4 b1", 1, 4), ("greedy b8", 8, 1), ("beam
 IN_LEN, NEW = 64, 64
 ENC_BATCH, ENC_LEN = 8, 512
 THREADS = 2
+DEVICE, DTYPE = torch.device("cpu"), torch.float32  # --device / --dtype
 TOKENIZER_FILES = ["spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
 
@@ -77,7 +78,8 @@ def ct2_convert(folder: Path):
 def inputs(batch: int, length: int, seed: int = 0):
     from helpers import random_batch
 
-    return random_batch(32000, [length] * batch, seed=seed)  # ordinary pieces (no sentinels), ending in </s>
+    ids, mask = random_batch(32000, [length] * batch, seed=seed)  # ordinary pieces (no sentinels), ending in </s>
+    return ids.to(DEVICE), mask.to(DEVICE)
 
 
 def load_runners(folder: Path, impls):
@@ -86,14 +88,14 @@ def load_runners(folder: Path, impls):
     if "nanoflant5" in impls:
         from nanoflant5 import T5
 
-        ours = T5.from_pretrained(folder, dtype=torch.float32)
+        ours = T5.from_pretrained(folder, dtype=DTYPE, device=DEVICE)
         runners["nanoflant5"] = (
             lambda ids, mask, beams: ours.generate(ids, mask, max_new_tokens=NEW, min_new_tokens=NEW, num_beams=beams),
             lambda ids, mask: ours.encode(ids, mask))
     if "transformers" in impls:
         from transformers import T5ForConditionalGeneration
 
-        hf = T5ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+        hf = T5ForConditionalGeneration.from_pretrained(folder, dtype=DTYPE).to(DEVICE).eval()
         runners["transformers"] = (
             lambda ids, mask, beams: hf.generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                                  max_new_tokens=NEW, min_new_tokens=NEW, num_beams=beams),
@@ -126,8 +128,12 @@ class CT2Worker:
 
 
 def timed(fn, *args):
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
     t = time.perf_counter()
     out = fn(*args)
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - t, out
 
 
@@ -154,7 +160,9 @@ def bench_model(name: str, folder: Path, ct2_ok: bool, repeats: int):
         res = race(runners, lambda r: r[0](ids, mask, beams), repeats)
         hf_out = res["transformers"][1]
         tps = {n: batch * NEW / s for n, (s, _) in res.items()}
-        equal = "yes" if torch.equal(res["nanoflant5"][1], hf_out) else "**NO**"
+        ours_out = res["nanoflant5"][1]
+        same = sum(torch.equal(a, b) for a, b in zip(ours_out, hf_out)) if ours_out.shape == hf_out.shape else 0
+        equal = "yes" if same == len(hf_out) else f"**{same}/{len(hf_out)} rows**"
         if "ctranslate2" in res:
             ct = res["ctranslate2"][1]
             same = sum(torch.equal(a[:NEW + 1], b[:NEW + 1]) for a, b in zip(ct, hf_out)) if ct.shape[1] >= NEW + 1 else 0
@@ -219,12 +227,18 @@ def main():
     p.add_argument("--quick", action="store_true", help="small only, 1 repeat")
     p.add_argument("--cache-dir", default="/tmp/nanoflant5-bench", help="where the random checkpoints are kept")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (on cuda: no CTranslate2, no peak RSS)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
         return memory_child(*args.memory_child)
     if args.quick:
         args.models, args.repeats = "small", 1
+    global DEVICE, DTYPE
+    DEVICE, DTYPE = torch.device(args.device), getattr(torch, args.dtype)
+    if DEVICE.type != "cpu":
+        args.no_memory = True
     torch.set_num_threads(THREADS)
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
@@ -233,7 +247,7 @@ def main():
     for key in args.models.split(","):
         name = MODELS[key.strip()]
         folder = checkpoint(cache, name)
-        ct2_dir, why = ct2_convert(folder)
+        ct2_dir, why = ct2_convert(folder) if DEVICE.type == "cpu" else (None, "CPU only in this benchmark")
         if why:
             ct2_notes[name] = why
         with torch.inference_mode():
@@ -242,7 +256,8 @@ def main():
             impls = ["baseline", "transformers", "nanoflant5"] + (["ctranslate2"] if ct2_dir else [])
             mem.append((name, {i: peak_rss(i, folder) for i in impls}))
 
-    print(f"\nCommand: `python {' '.join(sys.argv)}`  \ntorch {torch.__version__}, {THREADS} threads, fp32, CPU; "
+    print(f"\nCommand: `python {' '.join(sys.argv)}`  \ntorch {torch.__version__}, {THREADS} threads, {args.dtype}, "
+          f"{torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'CPU'}; "
           f"inputs {IN_LEN} tokens, {NEW} new tokens forced; median of {args.repeats} alternating runs after a warm-up."
           "\n")
     print("| model | setting | transformers tok/s | nanoflant5 tok/s | ratio | CTranslate2 tok/s | ratio | outputs equal |")
