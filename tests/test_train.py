@@ -1,6 +1,7 @@
 """Training: loss parity, data errors, resume after kill -9, signals, torchrun equivalence, export, a toy task."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -233,3 +234,18 @@ def test_tiny_model_learns_the_toy_task(tmp_path):
     answers = tok.batch_decode(model.generate(ids, mask, max_new_tokens=12))
     exact = sum(a == r["target"] for a, r in zip(answers, rows)) / len(rows)
     assert exact >= 0.9, exact
+
+
+def test_other_options_run(tmp_path):
+    """bfloat16 autocast, activation checkpointing, Adafactor, linear schedule, epochs, eval data, TSV."""
+    tsv = tmp_path / "d.tsv"
+    tsv.write_text("".join(f"{r['input']}\t{r['target']}\n" for r in reverse_words.examples(24)), encoding="utf-8")
+    out = tmp_path / "run"
+    run_train(*COMMON, "--data", tsv, "--eval-data", reverse_data(tmp_path / "e.jsonl", 8), "--output", out,
+              "--epochs", "1", "--batch-size", "8", "--dtype", "bfloat16", "--grad-checkpointing",
+              "--optimizer", "adafactor", "--schedule", "linear", "--warmup-steps", "1", "--weight-decay", "0.01")
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]  # 24 examples / 8 per step
+    assert all(math.isfinite(m["loss"]) for m in metrics) and math.isfinite(metrics[-1]["eval_loss"])
+    assert metrics[-1]["lr"] < metrics[1]["lr"]  # linear decay
+    assert T5.from_pretrained(out).config.d_model == 128
