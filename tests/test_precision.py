@@ -57,3 +57,21 @@ def test_low_precision_generation_mostly_equals_float32(overflowing, dtype):
     want = T5.from_pretrained(overflowing).generate(ids, mask, max_new_tokens=12, num_beams=3)
     got = T5.from_pretrained(overflowing, dtype=dtype).generate(ids, mask, max_new_tokens=12, num_beams=3)
     assert sum(torch.equal(a[:len(b)], b[:len(a)]) for a, b in zip(got, want)) >= 0.6 * len(want)
+
+
+def test_float16_training_step_stays_finite(overflowing):
+    """A training forward and backward in float16 (the policy's float32 `wo`): finite loss and gradients, loss close
+    to float32's."""
+    from nanoflant5.train import loss_sum
+
+    ids, mask = random_batch(96, LENGTHS, seed=4)
+    labels = torch.randint(2, 96, (len(LENGTHS), 6))
+    losses = {}
+    for dtype in (torch.float32, torch.float16):
+        model = T5.from_pretrained(overflowing, dtype=dtype).train()
+        loss = loss_sum(model, ids, mask, labels, torch.autocast("cpu", enabled=False)) / labels.numel()
+        loss.backward()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        losses[dtype] = loss.item()
+    assert abs(losses[torch.float16] - losses[torch.float32]) < 0.02 * abs(losses[torch.float32])
