@@ -115,3 +115,12 @@ def random_batch(vocab_size: int, lengths, seed: int = 0):
         ids[i, n - 1] = 1
         mask[i, :n] = 1
     return ids, mask
+
+
+def random_labels(vocab_size: int, lengths, seed: int = 0):
+    """Target ids [batch, max(lengths)] with -100 (ignored) past each row's length, as a loss expects them."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(2, vocab_size, (len(lengths), max(lengths)), generator=g)
+    for i, n in enumerate(lengths):
+        labels[i, n:] = -100
+    return labels

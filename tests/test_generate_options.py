@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from helpers import make_checkpoint, random_batch, reference
+from helpers import make_checkpoint, random_batch, random_labels, reference
 from nanoflant5.load import load_model
 
 LENGTHS = [7, 3, 12, 5, 20, 9]
@@ -135,9 +135,7 @@ def test_defaults_come_from_the_checkpoint(tmp_path):
 def test_score_equals_transformers_loss(pair):
     model, ref = pair
     ids, mask = random_batch(96, [7, 3, 12, 5], seed=18)
-    labels = torch.randint(2, 96, (4, 9))
-    labels[1, 4:] = -100
-    labels[3, 7:] = -100
+    labels = random_labels(96, [9, 4, 9, 7], seed=18)
     with torch.no_grad():
         loss = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
     sums, counts = model.score(ids, mask, labels)

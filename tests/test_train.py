@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import make_checkpoint, random_batch, reference
+from helpers import make_checkpoint, random_batch, random_labels, reference
 from nanoflant5 import T5, Tokenizer
 from nanoflant5.train import DataError, loss_sum, read_examples
 
@@ -65,9 +65,7 @@ def test_loss_matches_transformers(checkpoint):
     folder, ref = checkpoint("gated-gelu-untied")
     model = T5.from_pretrained(folder, dtype=torch.float64)
     ids, mask = random_batch(96, [7, 3, 12, 5], seed=2)
-    labels = torch.randint(2, 96, (4, 6))
-    labels[0, 4:] = -100
-    labels[2, 2:] = -100
+    labels = random_labels(96, [4, 6, 2, 6], seed=2)
     with torch.no_grad():
         want = ref(input_ids=ids, attention_mask=mask, labels=labels).loss
         got = loss_sum(model, ids, mask, labels, torch.autocast("cpu", enabled=False)) / (labels != -100).sum()
