@@ -16,6 +16,14 @@ from .config import GenerationConfig
 from .model import T5, KVCache, padding_mask
 
 NEG = -1.0e9  # transformers' "impossible" beam score: added, not assigned, so the arithmetic matches
+# Steps between checks of "all rows finished?" (each check waits for the device). Decoding past the point where
+# everything finished changes no output (greedy rows are trimmed, finished beams cannot be displaced), so on an
+# accelerator the loop checks only every few steps and never stalls the queue in between.
+CHECK_EVERY = {"cpu": 1, "default": 8}
+
+
+def check_every(device) -> int:
+    return CHECK_EVERY.get(torch.device(device).type, CHECK_EVERY["default"])
 
 
 def process_scores(scores, tokens, t: int, g: GenerationConfig, eos: int, min_keep: int):
@@ -81,8 +89,10 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
         copies = g.num_return_sequences  # sampling several sequences per input: transformers repeats the input
         step, _ = decoder_steps(model, encoded, attention_mask, copies, g.new_tokens + 1)
         rows, scores = None, None
-        for rows, scores in token_steps(step, B * copies, model.config, g, rng, input_ids.device):
+        for rows, scores in token_steps(step, B * copies, model.config, g, rng, input_ids.device,
+                                        check_every(input_ids.device)):
             pass
+        rows = trim(rows, model.config.eos_token_id)
     else:
         step, cache = decoder_steps(model, encoded, attention_mask, g.num_beams, g.new_tokens + 1)
         rows, scores = beam_search(step, cache, B, model.config, g, rng, input_ids.device)
@@ -136,9 +146,17 @@ def decoder_steps(model: T5, encoded, attention_mask, copies: int, max_len: int)
     return step, cache
 
 
-def token_steps(step, N: int, cfg, g: GenerationConfig, rng, device):
+def trim(rows, eos: int):
+    """Cut the columns decoded after every row had ended (see CHECK_EVERY): transformers stops at that step."""
+    ended = rows[:, 1:] == eos
+    if not bool(ended.any(1).all()):
+        return rows
+    return rows[:, :int(ended.float().argmax(1).max()) + 2]
+
+
+def token_steps(step, N: int, cfg, g: GenerationConfig, rng, device, every: int = 1):
     """Greedy decoding or sampling, one token per row per step. Yields (rows so far, scores so far) after the start
-    token and after every step; rows that ended get padding."""
+    token and after every step; rows that ended get padding. Checks for the end every `every` steps."""
     tokens = torch.full((N, g.new_tokens + 1), cfg.pad_token_id, dtype=torch.long, device=device)
     tokens[:, 0] = cfg.decoder_start_token_id
     done = torch.zeros(N, dtype=torch.bool, device=device)
@@ -157,7 +175,7 @@ def token_steps(step, N: int, cfg, g: GenerationConfig, rng, device):
         tokens[:, t + 1] = next_token
         done |= next_token == cfg.eos_token_id
         yield tokens[:, :t + 2], total
-        if done.all():
+        if (t + 1) % every == 0 and done.all():
             return
 
 
@@ -176,6 +194,7 @@ def beam_search(step, cache: KVCache, batch: int, cfg, g: GenerationConfig, rng,
     B, nb, L, lp = batch, g.num_beams, g.new_tokens + 1, g.length_penalty
     k = 2 * nb
     eos = cfg.eos_token_id
+    every = check_every(device)
     # transformers fills unused positions with `pad_token_id or eos_token_id`: for T5 (pad 0) that is eos.
     fill = cfg.pad_token_id or eos
     running = torch.full((B, nb, L), fill, dtype=torch.long, device=device)
@@ -229,9 +248,10 @@ def beam_search(step, cache: KVCache, batch: int, cfg, g: GenerationConfig, rng,
         best_running = running_scores[:, :1] / (best_len ** lp)
         worst_finished = torch.where(is_finished, finished_scores.min(1, keepdim=True).values, NEG)
         improvable = improvable & (best_running > worst_finished).any(-1, keepdim=True)
-        all_full = bool(is_finished.all()) and g.early_stopping is True
-        if not bool(improvable.any()) or all_full or bool(stops.all()):
-            break
+        if (t + 1) % every == 0 or t + 2 >= L:
+            all_full = bool(is_finished.all()) and g.early_stopping is True
+            if not bool(improvable.any()) or all_full or bool(stops.all()):
+                break
 
     n = g.num_return_sequences
     out = finished[:, :n].reshape(B * n, L)

@@ -198,3 +198,19 @@ def test_cli_stream_json_and_sampling(tmp_path):
     rows = [json.loads(line) for line in run("--max-new-tokens", "24", "--json").splitlines()]
     assert [r["prompt"] for r in rows] == [0, 1] and [r["text"] + "\n" for r in rows] == plain.splitlines(True)
     assert all(r["score"] < 0 for r in rows)
+
+
+def test_checking_for_the_end_less_often_changes_nothing(pair, monkeypatch):
+    """On accelerators the decode loop checks "all finished?" only every few steps (no stall per step); forcing that
+    on CPU gives the same rows as transformers."""
+    import nanoflant5.generate as gen
+
+    monkeypatch.setitem(gen.CHECK_EVERY, "cpu", 3)
+    model, ref = pair
+    ids, mask = random_batch(96, LENGTHS, seed=21)
+    for kw in [dict(max_new_tokens=24), dict(max_new_tokens=24, min_new_tokens=5),
+               dict(max_new_tokens=20, num_beams=3, num_return_sequences=2),
+               dict(max_new_tokens=20, num_beams=2, early_stopping=True, length_penalty=2.0),
+               dict(max_new_tokens=20, num_beams=4, early_stopping="never"),
+               dict(max_new_tokens=20, do_sample=True, top_k=5)]:
+        assert same_as_transformers(model, ref, ids, mask, seed=3, **kw), kw
