@@ -85,9 +85,10 @@ def _download(repo_id: str, files: list[str] | None) -> Path:
             folder = Path(snapshot_download(repo_id, allow_patterns=common + ["*.bin", "*.bin.index.json"]))
     except LocalEntryNotFoundError as e:
         raise FileNotFoundError(f"{repo_id}: not in the local hub cache and the hub cannot be reached "
-                                f"(offline?): download it once with network access, or pass a local folder") from e
+                                f"(offline?), and no local folder has that name: download it once with network "
+                                f"access, or pass a local folder") from e
     except RepositoryNotFoundError as e:
-        raise FileNotFoundError(f"{repo_id}: no such model on the hub (or it is private)") from e
+        raise FileNotFoundError(f"{repo_id}: no such local folder, nor a model on the hub (or it is private)") from e
     return folder
 
 
