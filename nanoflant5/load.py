@@ -251,10 +251,21 @@ def load_model(name_or_path, dtype=None, device=None) -> T5:
 # ---------------------------------------------------------------------------------------------------- saving
 
 
+def write_atomically(path, write):
+    """write(temporary path), force it to disk, then rename it over `path`: whoever reads `path` finds the old file
+    or the complete new one, never half of one (the rename is atomic within a folder)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def save_pretrained(model: T5, folder) -> Path:
     """Write `model` in the Hugging Face layout (config.json, generation_config.json, model.safetensors), readable
     by T5.from_pretrained and transformers' T5ForConditionalGeneration. Fused projections are split back; a tied
-    output layer is not written twice. Files are written under temporary names and renamed into place."""
+    output layer is not written twice. Each file is written atomically."""
     import dataclasses
 
     from safetensors.torch import save_file
@@ -275,11 +286,7 @@ def save_pretrained(model: T5, folder) -> Path:
     generation = {k: v for k, v in dataclasses.asdict(model.generation_config).items() if v != defaults[k]}
     generation.update(decoder_start_token_id=config.decoder_start_token_id, eos_token_id=config.eos_token_id,
                       pad_token_id=config.pad_token_id)
-    files = {"model.safetensors": lambda p: save_file(tensors, p, metadata={"format": "pt"}),
-             "config.json": lambda p: Path(p).write_text(json.dumps(hf_config, indent=2) + "\n"),
-             "generation_config.json": lambda p: Path(p).write_text(json.dumps(generation, indent=2) + "\n")}
-    for name, write in files.items():
-        tmp = folder / f".{name}.tmp"
-        write(str(tmp))
-        os.replace(tmp, folder / name)
+    write_atomically(folder / "model.safetensors", lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    write_atomically(folder / "config.json", lambda p: p.write_text(json.dumps(hf_config, indent=2) + "\n"))
+    write_atomically(folder / "generation_config.json", lambda p: p.write_text(json.dumps(generation, indent=2) + "\n"))
     return folder

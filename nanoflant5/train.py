@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .load import resolve, save_pretrained
+from .load import resolve, save_pretrained, write_atomically
 from .model import T5
 from .tokenizer import TOKENIZER_FILES, Tokenizer
 
@@ -191,15 +191,6 @@ def loss_sum(model, ids, mask, labels, autocast):
 
 def checkpoints(folder: Path) -> list[Path]:
     return sorted((folder / "checkpoints").glob("step-*.pt"))
-
-
-def atomic_save(obj, path: Path):
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # a checkpoint is either complete or absent
 
 
 class Progress:
@@ -408,9 +399,10 @@ def save_checkpoint(out: Path, step, model, optimizer, scheduler, args, rank, wo
     else:
         rngs = [rng]
     if rank == 0:
-        atomic_save({"step": step, "model": model_state, "optimizer": optim_state,
-                     "scheduler": scheduler.state_dict(), "rng": rngs, "args": asdict(args)},
-                    out / "checkpoints" / f"step-{step:07d}.pt")
+        state = {"step": step, "model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                 "rng": rngs, "args": asdict(args)}
+        # a checkpoint is either complete or absent
+        write_atomically(out / "checkpoints" / f"step-{step:07d}.pt", lambda p: torch.save(state, p))
         for old in checkpoints(out)[:-args.keep_checkpoints]:
             old.unlink()
     if world > 1:
