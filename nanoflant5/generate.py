@@ -130,13 +130,11 @@ def score(model: T5, input_ids, attention_mask, labels, labels_mask=None):
 def decoder_steps(model: T5, encoded, attention_mask, copies: int, max_len: int):
     """A function step(tokens (N,), pos) -> float32 logits (N, vocab) for N = batch * copies rows (the copies of an
     input are adjacent), and the KVCache it fills."""
-    cross_kv = model.decoder.project(encoded)
+    cross_kv = model.decoder.project(encoded)  # one per input, shared by its copies (CrossAttention.forward)
     cross_mask = padding_mask(attention_mask, encoded.dtype)
-    if copies > 1:
-        cross_kv = [(k.repeat_interleave(copies, 0), v.repeat_interleave(copies, 0)) for k, v in cross_kv]
-        cross_mask = cross_mask.repeat_interleave(copies, 0)
     bias = model.decoder.causal_bias(max_len)  # (1, H, max_len, max_len); step pos uses row pos
     cache = KVCache(model.config, encoded.shape[0] * copies, max_len, encoded.dtype, encoded.device)
+    model.pack(encoded.shape[0] * copies)
 
     def step(tokens, pos: int):
         x = model.shared(tokens[:, None])  # (N, 1, d_model)

@@ -94,6 +94,28 @@ def test_batching_does_not_change_outputs(checkpoint, num_beams):
         assert (row[len(alone):] == row[-1]).all()  # only padding after it
 
 
+def test_packed_weights_change_no_output(checkpoint, monkeypatch):
+    """float32 on CPU: batched and beam decoding run the decoder on MKL-prepacked weights (model.Linear). Rows are
+    those of plain F.linear decoding and scores agree to float32 rounding."""
+    import nanoflant5.model as M
+
+    if not M.MKL_PACKING:
+        pytest.skip("torch built without MKL")
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = load_model(folder, dtype=torch.float32)
+    ids, mask = random_batch(96, LENGTHS, seed=6)
+    for kw in [dict(max_new_tokens=20), dict(max_new_tokens=20, num_beams=3, num_return_sequences=2)]:
+        rows, scores = model.generate(ids, mask, return_scores=True, **kw)
+        lin = model.decoder.blocks[0].ffn.wi
+        assert lin.packed[0] == len(LENGTHS) * kw.get("num_beams", 1) and lin.packed[1] == lin._key()
+        monkeypatch.setattr(M, "MKL_PACKING", False)
+        plain_rows, plain_scores = model.generate(ids, mask, return_scores=True, **kw)
+        assert lin.packed is None
+        monkeypatch.setattr(M, "MKL_PACKING", True)
+        assert torch.equal(rows, plain_rows), kw
+        torch.testing.assert_close(scores, plain_scores, rtol=1e-4, atol=1e-4)
+
+
 def test_real_size_flan_t5_small(tmp_path):
     """The published flan-t5-small architecture (random weights): greedy and beam rows equal transformers'."""
     import json
