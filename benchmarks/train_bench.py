@@ -19,10 +19,10 @@ Runs alternate (nanoflant5, transformers, nanoflant5, ...) --repeats times; the 
 steps of all runs, and the largest peak RSS over the runs. Each run starts from the same weights and fresh
 optimizer state, so all loss curves should agree. In fp32 the first step's losses are equal; later steps drift
 apart (~1e-4 by step 5, up to ~1e-2 by step 22 at loss ~10.9) because AdamW's first updates are ~lr * sign(gradient),
-so rounding-level gradient differences in near-zero components become lr-sized weight differences. The fp32 verdict
-uses a 1e-3 bound. So that the claim "same loss curve" does not rest on that argument, the run ends with a
-float64 check (--check-steps, nanoflant5 against plain transformers), where rounding is ~1e-16 and the curves must
-agree to 1e-5.
+so rounding-level gradient differences in near-zero components become lr-sized weight differences (the run prints
+transformers' own drift from switching to fused AdamW for scale). So that the claim "same loss curve" does not
+rest on that argument, the run ends with a float64 check (--check-steps, nanoflant5 against plain transformers),
+where rounding is ~1e-16 and the curves must agree to 1e-5.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def main():
     print(f"\nLoss curves ({WARMUP + args.steps} steps): first {reference[0]:.4f}, last {reference[-1]:.4f} "
           f"(transformers); |nanoflant5 - transformers| first step {first_step:.2e}, max "
           f"{ours_vs_hf:.2e}; max over all "
-          f"{len(curves)} runs vs transformers' first = {any_pair:.2e} ({'agree' if any_pair < 1e-3 else 'DIFFER'})")
+          f"{len(curves)} runs vs transformers' first = {any_pair:.2e} (fp32 rounding amplified by AdamW; see below)")
     diffs = [abs(a - b) for a, b in zip(results["nanoflant5"][0]["losses"], reference)]
     print("|nanoflant5 - transformers| per step: " + " ".join(f"{d:.0e}" for d in diffs))
     fused_drift = max(abs(a - b) for a, b in zip(results["transformers+fused"][0]["losses"], reference))

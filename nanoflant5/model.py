@@ -403,7 +403,8 @@ class T5(nn.Module):
                 module.dropout = p
 
     def pack(self, rows: int):
-        """Prepack the weights each decoding step uses for `rows` rows at a time (see Linear)."""
+        """Prepack the weights each decoding step uses for `rows` rows at a time (see Linear); generate() calls it.
+        pack(1) drops the packed copies (one row gains nothing from packing)."""
         for block in self.decoder.blocks:
             for linear in (block.attn.qkv, block.attn.o, block.cross.q, block.cross.o, block.ffn.wi, block.ffn.wo):
                 linear.pack(rows)
