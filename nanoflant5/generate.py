@@ -9,6 +9,9 @@ settings give transformers' rows exactly, and sampling draws the same tokens fro
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +23,12 @@ NEG = -1.0e9  # transformers' "impossible" beam score: added, not assigned, so t
 # everything finished changes no output (greedy rows are trimmed, finished beams cannot be displaced), so on an
 # accelerator the loop checks only every few steps and never stalls the queue in between.
 CHECK_EVERY = {"cpu": 1, "default": 8}
+
+
+# MKL's packed GEMM (x86 CPU builds of torch), for batched and beam decoding: see packed_weights.
+MKL_PACKING = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+PACK_ROWS = range(4, 65)  # rows per step where packing measured faster (benchmarks: flan-t5-small)
+PACK_MIN_STEPS = 16
 
 
 def check_every(device) -> int:
@@ -85,17 +94,18 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
     g, attention_mask, rng = prepare(model, input_ids, attention_mask, seed, generator, kwargs)
     encoded = model.encode(input_ids, attention_mask)
     B = input_ids.shape[0]
-    if g.num_beams == 1:
-        copies = g.num_return_sequences  # sampling several sequences per input: transformers repeats the input
-        step, _ = decoder_steps(model, encoded, attention_mask, copies, g.new_tokens + 1)
-        rows, scores = None, None
-        for rows, scores in token_steps(step, B * copies, model.config, g, rng, input_ids.device,
-                                        check_every(input_ids.device)):
-            pass
-        rows = trim(rows, model.config.eos_token_id)
-    else:
-        step, cache = decoder_steps(model, encoded, attention_mask, g.num_beams, g.new_tokens + 1)
-        rows, scores = beam_search(step, cache, B, model.config, g, rng, input_ids.device)
+    # copies of each input: its beams, or the sequences sampled from it (transformers repeats the input)
+    copies = g.num_beams if g.num_beams > 1 else g.num_return_sequences
+    with packed_weights(model, B * copies, g.new_tokens):
+        step, cache = decoder_steps(model, encoded, attention_mask, copies, g.new_tokens + 1)
+        if g.num_beams == 1:
+            rows, scores = None, None
+            for rows, scores in token_steps(step, B * copies, model.config, g, rng, input_ids.device,
+                                            check_every(input_ids.device)):
+                pass
+            rows = trim(rows, model.config.eos_token_id)
+        else:
+            rows, scores = beam_search(step, cache, B, model.config, g, rng, input_ids.device)
     return (rows, scores) if return_scores else rows
 
 
@@ -107,9 +117,10 @@ def stream(model: T5, input_ids, attention_mask=None, *, seed=None, generator=No
     if g.num_beams != 1 or g.num_return_sequences != 1:
         raise ValueError("streaming supports greedy decoding and sampling with one sequence per input")
     step, _ = decoder_steps(model, model.encode(input_ids, attention_mask), attention_mask, 1, g.new_tokens + 1)
-    for rows, _ in token_steps(step, input_ids.shape[0], model.config, g, rng, input_ids.device):
-        if rows.shape[1] > 1:
-            yield rows[:, -1]
+    with packed_weights(model, input_ids.shape[0], g.new_tokens):
+        for rows, _ in token_steps(step, input_ids.shape[0], model.config, g, rng, input_ids.device):
+            if rows.shape[1] > 1:
+                yield rows[:, -1]
 
 
 @torch.inference_mode()
@@ -134,7 +145,6 @@ def decoder_steps(model: T5, encoded, attention_mask, copies: int, max_len: int)
     cross_mask = padding_mask(attention_mask, encoded.dtype)
     bias = model.decoder.causal_bias(max_len)  # (1, H, max_len, max_len); step pos uses row pos
     cache = KVCache(model.config, encoded.shape[0] * copies, max_len, encoded.dtype, encoded.device)
-    model.pack(encoded.shape[0] * copies)
 
     def step(tokens, pos: int):
         x = model.shared(tokens[:, None])  # (N, 1, d_model)
@@ -142,6 +152,34 @@ def decoder_steps(model: T5, encoded, attention_mask, copies: int, max_len: int)
         return model.logits(hidden)[:, -1].float()
 
     return step, cache
+
+
+@contextmanager
+def packed_weights(model: T5, rows: int, steps: int):
+    """CPU, float32: inside the block, the linear layers of a decoding step (self- and cross-attention, feed-forward,
+    output layer) use copies of their weights prepacked for MKL's GEMM with `rows` rows. Every step feeds that many
+    rows, and for 4 to 64 rows the packed GEMM makes whole generations 1.1-1.3x faster here (1-3 rows: no faster;
+    128: 1.01x; and packing, which costs about two steps, does not pay for short generations). The copies (~1.35x
+    those weights' memory) are made on entry and dropped on exit, so weights changed between calls (training) never
+    meet a stale copy."""
+    linears = [model.lm_head] + [linear for b in model.decoder.blocks
+                                 for linear in (b.attn.qkv, b.attn.o, b.cross.q, b.cross.o, b.ffn.wi, b.ffn.wo)]
+    use = (MKL_PACKING and rows in PACK_ROWS and steps >= PACK_MIN_STEPS and not torch.is_autocast_enabled("cpu")
+           and all(linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32 for linear in linears))
+    try:
+        for linear in linears if use else []:
+            w = linear.weight
+            linear.forward = partial(_packed_linear, w, torch.ops.mkl._mkl_reorder_linear_weight(w, rows), rows)
+        yield
+    finally:
+        for linear in linears:
+            linear.__dict__.pop("forward", None)  # back to nn.Linear.forward
+
+
+def _packed_linear(weight, packed, rows: int, x):
+    if x.dtype != weight.dtype:
+        return F.linear(x, weight)
+    return torch.ops.mkl._mkl_linear(x, packed, weight, None, rows)  # (F.linear itself for other row counts)
 
 
 def trim(rows, eos: int):

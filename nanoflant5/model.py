@@ -42,43 +42,6 @@ class RMSNorm(nn.Module):
         return self.weight * x
 
 
-# MKL's packed GEMM (CPU builds with MKL): see Linear.
-MKL_PACKING = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
-
-
-class Linear(nn.Linear):
-    """A bias-free linear layer that can also keep a copy of its weight prepacked for MKL's GEMM with a fixed number
-    of input rows (CPU, float32). Decoding feeds the same number of rows (batch x beams) at every step, and with 2 to
-    256 rows the packed GEMM is 1.1-1.7x faster than F.linear (for one row, no faster). The copy costs ~1.35x the
-    weight's memory and is used only with gradients off and while the weight is unchanged (same storage, same
-    version counter)."""
-
-    def __init__(self, d_in: int, d_out: int):
-        super().__init__(d_in, d_out, bias=False)
-        self.packed = None  # (rows, weight key, packed weight)
-
-    def _key(self):
-        w = self.weight
-        return w.data_ptr(), -1 if torch.is_inference(w) else w._version  # inference tensors track no version
-
-    def pack(self, rows: int):
-        """Prepack the weight for inputs of `rows` rows, unless that is done already or does not apply."""
-        w = self.weight
-        if not (MKL_PACKING and rows > 1 and w.device.type == "cpu" and w.dtype == torch.float32):
-            self.packed = None
-        elif self.packed is None or self.packed[:2] != (rows, self._key()) or self._key()[1] == -1:
-            self.packed = (rows, self._key(), torch.ops.mkl._mkl_reorder_linear_weight(w.detach(), rows))
-
-    def __getstate__(self):  # copies and pickles leave the packed weight out (MKL's format cannot be copied)
-        return dict(self.__dict__, packed=None)
-
-    def forward(self, x):
-        p = self.packed
-        if p is not None and not torch.is_grad_enabled() and p[1] == self._key():
-            return torch.ops.mkl._mkl_linear(x, p[2], self.weight, None, p[0])  # F.linear for other row counts
-        return F.linear(x, self.weight)
-
-
 def relative_position_bucket(relative_position, bidirectional: bool, num_buckets: int, max_distance: int):
     """Map key_pos - query_pos to a bucket, as Mesh TensorFlow does (transformer_layers.py,
     _relative_position_bucket; T5 paper section 2.1). Half the buckets hold the exact distances 0..max_exact-1, the
@@ -164,8 +127,8 @@ class SelfAttention(nn.Module):
     def __init__(self, config: T5Config):
         super().__init__()
         self.n_heads, self.d_kv, self.dropout = config.num_heads, config.d_kv, config.dropout_rate
-        self.qkv = Linear(config.d_model, 3 * config.inner_dim)  # q, k and v fused
-        self.o = Linear(config.inner_dim, config.d_model)
+        self.qkv = nn.Linear(config.d_model, 3 * config.inner_dim, bias=False)  # q, k and v fused
+        self.o = nn.Linear(config.inner_dim, config.d_model, bias=False)
 
     def forward(self, x, bias, cache=None, pos: int = 0):
         """cache: this layer's buffer (max_len, 2, B, H, D) in the decoder's KVCache; the new keys and values are
@@ -186,9 +149,9 @@ class CrossAttention(nn.Module):
     def __init__(self, config: T5Config):
         super().__init__()
         self.n_heads, self.d_kv, self.dropout = config.num_heads, config.d_kv, config.dropout_rate
-        self.q = Linear(config.d_model, config.inner_dim)
-        self.kv = Linear(config.d_model, 2 * config.inner_dim)  # k and v fused
-        self.o = Linear(config.inner_dim, config.d_model)
+        self.q = nn.Linear(config.d_model, config.inner_dim, bias=False)
+        self.kv = nn.Linear(config.d_model, 2 * config.inner_dim, bias=False)  # k and v fused
+        self.o = nn.Linear(config.inner_dim, config.d_model, bias=False)
 
     def project(self, encoded):
         """Keys and values of the encoder output: computed once per input, reused at every decoding step."""
@@ -203,6 +166,7 @@ class CrossAttention(nn.Module):
         B, T, _ = x.shape
         k, v = self.project(memory) if torch.is_tensor(memory) else memory
         G = B // k.shape[0]
+        assert G * k.shape[0] == B, "the batch must hold the same number of copies of every input"
         q = self.q(x).view(B // G, G * T, self.n_heads, self.d_kv).transpose(1, 2)  # (B/G, H, G*T, D)
         y = attention(q, k, v, mask, self.dropout if self.training else 0.0)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
@@ -216,8 +180,8 @@ class FeedForward(nn.Module):
         super().__init__()
         self.gated = config.gated
         self.act = ACT_FNS[config.activation]
-        self.wi = Linear(config.d_model, (2 if config.gated else 1) * config.d_ff)
-        self.wo = Linear(config.d_ff, config.d_model)
+        self.wi = nn.Linear(config.d_model, (2 if config.gated else 1) * config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, x):
@@ -370,7 +334,7 @@ class T5(nn.Module):
         self.shared = nn.Embedding(config.vocab_size, config.d_model)  # input embedding of both stacks
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.lm_head = Linear(config.d_model, config.vocab_size)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight
 
@@ -401,14 +365,6 @@ class T5(nn.Module):
                 module.p = p
             elif isinstance(module, (SelfAttention, CrossAttention)):
                 module.dropout = p
-
-    def pack(self, rows: int):
-        """Prepack the weights each decoding step uses for `rows` rows at a time (see Linear); generate() calls it.
-        pack(1) drops the packed copies (one row gains nothing from packing)."""
-        for block in self.decoder.blocks:
-            for linear in (block.attn.qkv, block.attn.o, block.cross.q, block.cross.o, block.ffn.wi, block.ffn.wo):
-                linear.pack(rows)
-        self.lm_head.pack(rows)
 
     def set_checkpointing(self, enabled: bool = True):
         self.encoder.checkpointing = self.decoder.checkpointing = enabled

@@ -415,6 +415,8 @@ def save_checkpoint(out: Path, step, model, optimizer, scheduler, args, rank, wo
 
 def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int, sharded: bool) -> int:
     state = torch.load(path, map_location="cpu", weights_only=False)
+    for saved, group in zip(state["optimizer"]["param_groups"], optimizer.param_groups):
+        saved.update({k: group[k] for k in ("fused", "foreach") if k in group})  # this run's kernel choice
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 

@@ -5,7 +5,9 @@ import itertools
 import pytest
 import torch
 
+import nanoflant5.generate as G
 from helpers import CONFIGS, make_checkpoint, random_batch
+from nanoflant5.generate import _packed_linear
 from nanoflant5.load import load_model
 
 LENGTHS = [7, 3, 12, 5, 20, 9]
@@ -94,26 +96,53 @@ def test_batching_does_not_change_outputs(checkpoint, num_beams):
         assert (row[len(alone):] == row[-1]).all()  # only padding after it
 
 
+@pytest.mark.skipif(not G.MKL_PACKING, reason="torch built without MKL")
 def test_packed_weights_change_no_output(checkpoint, monkeypatch):
-    """float32 on CPU: batched and beam decoding run the decoder on MKL-prepacked weights (model.Linear). Rows are
-    those of plain F.linear decoding and scores agree to float32 rounding."""
-    import nanoflant5.model as M
-
-    if not M.MKL_PACKING:
-        pytest.skip("torch built without MKL")
+    """float32 on CPU: batched and beam decoding run the decoder on MKL-prepacked weights (packed_weights). Rows are
+    those of plain F.linear decoding, scores agree to float32 rounding, and the copies are gone afterwards."""
     folder, _ = checkpoint("gated-gelu-untied")
     model = load_model(folder, dtype=torch.float32)
     ids, mask = random_batch(96, LENGTHS, seed=6)
+    calls = []
+    monkeypatch.setattr(G, "_packed_linear", lambda *a: calls.append(1) or _packed_linear(*a))
     for kw in [dict(max_new_tokens=20), dict(max_new_tokens=20, num_beams=3, num_return_sequences=2)]:
+        calls.clear()
         rows, scores = model.generate(ids, mask, return_scores=True, **kw)
-        lin = model.decoder.blocks[0].ffn.wi
-        assert lin.packed[0] == len(LENGTHS) * kw.get("num_beams", 1) and lin.packed[1] == lin._key()
-        monkeypatch.setattr(M, "MKL_PACKING", False)
+        per_step = 6 * len(model.decoder.blocks) + 1  # every decoding step's linears took the packed path
+        assert len(calls) >= per_step * (rows.shape[1] - 1) > 0
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        monkeypatch.setattr(G, "MKL_PACKING", False)
         plain_rows, plain_scores = model.generate(ids, mask, return_scores=True, **kw)
-        assert lin.packed is None
-        monkeypatch.setattr(M, "MKL_PACKING", True)
+        monkeypatch.setattr(G, "MKL_PACKING", True)
         assert torch.equal(rows, plain_rows), kw
         torch.testing.assert_close(scores, plain_scores, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not G.MKL_PACKING, reason="torch built without MKL")
+def test_packed_weights_follow_training_and_autocast(checkpoint, monkeypatch):
+    """Weights changed between two calls (a fused AdamW step, which does not bump tensors' version counters) are
+    never met by a stale packed copy; under CPU autocast the decoder runs as autocast says."""
+    from nanoflant5.train import TrainArgs, loss_sum, make_optimizer
+
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = load_model(folder, dtype=torch.float32)
+    ids, mask = random_batch(96, LENGTHS, seed=7)
+    kw = dict(max_new_tokens=20, num_beams=2, return_scores=True)
+    model.generate(ids, mask, **kw)
+    optimizer = make_optimizer(model, TrainArgs(model="", data="", output="", lr=1e-2))
+    model.train()
+    loss_sum(model, ids, mask, ids, __import__("contextlib").nullcontext()).backward()
+    optimizer.step()
+    model.eval()
+    rows, scores = model.generate(ids, mask, **kw)
+    monkeypatch.setattr(G, "MKL_PACKING", False)
+    plain_rows, plain_scores = model.generate(ids, mask, **kw)
+    assert torch.equal(rows, plain_rows)
+    torch.testing.assert_close(scores, plain_scores, rtol=1e-4, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model.generate(ids, mask, **kw)
+        monkeypatch.setattr(G, "MKL_PACKING", True)
+        assert torch.equal(model.generate(ids, mask, **kw)[0], plain[0])
 
 
 def test_real_size_flan_t5_small(tmp_path):

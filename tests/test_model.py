@@ -130,36 +130,3 @@ def test_flex_attention_matches_sdpa(checkpoint):
     assert torch.equal(flex_rows, rows)
     with pytest.raises(ValueError, match="backend"):
         model.set_attention_backend("magic")
-
-
-@pytest.mark.skipif(not __import__("nanoflant5.model").model.MKL_PACKING, reason="torch built without MKL")
-def test_packed_linear_follows_its_weight():
-    """Linear's MKL-prepacked copy gives F.linear's result for the rows it was packed for, is not used once the
-    weight changes in place (an optimizer step) or while gradients are on, and is left out of copies."""
-    import copy
-
-    from nanoflant5.model import Linear
-
-    F = torch.nn.functional
-    lin, x = Linear(64, 48), torch.randn(4, 64)
-    lin.pack(4)
-    with torch.no_grad():
-        torch.testing.assert_close(lin(x), F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
-        lin.weight.mul_(2.0)
-        assert torch.equal(lin(x), F.linear(x, lin.weight))  # stale copy not used: exactly the plain result
-        lin.pack(4)
-        torch.testing.assert_close(lin(x), F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
-        assert torch.equal(lin(x[:3]), F.linear(x[:3], lin.weight))  # other row counts: plain F.linear
-    y = lin(x)  # gradients on: plain F.linear, so backward works
-    y.sum().backward()
-    assert lin.weight.grad is not None and torch.equal(y, F.linear(x, lin.weight))
-    assert copy.deepcopy(lin).packed is None and lin.packed is not None
-    with torch.inference_mode():  # weights made in inference mode have no version counter: every pack() repacks
-        lin = Linear(64, 48)
-        lin.pack(4)
-        lin.weight.mul_(2.0)
-        lin.pack(4)
-        torch.testing.assert_close(lin(x), F.linear(x, lin.weight), rtol=1e-5, atol=1e-5)
-    lin64 = Linear(64, 48).double()
-    lin64.pack(4)
-    assert lin64.packed is None  # float32 only
