@@ -34,6 +34,7 @@ IN_LEN, NEW = 64, 64
 ENC_BATCH, ENC_LEN = 8, 512
 THREADS = 2
 DEVICE, DTYPE = torch.device("cpu"), torch.float32  # --device / --dtype
+COMPILE = False  # --compile: nanoflant5's generate(compile=True); the warm-up run absorbs the compilation
 TOKENIZER_FILES = ["spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]
 
 
@@ -90,7 +91,8 @@ def load_runners(folder: Path, impls):
 
         ours = T5.from_pretrained(folder, dtype=DTYPE, device=DEVICE)
         runners["nanoflant5"] = (
-            lambda ids, mask, beams: ours.generate(ids, mask, max_new_tokens=NEW, min_new_tokens=NEW, num_beams=beams),
+            lambda ids, mask, beams: ours.generate(ids, mask, max_new_tokens=NEW, min_new_tokens=NEW, num_beams=beams,
+                                                   compile=COMPILE),
             lambda ids, mask: ours.encode(ids, mask))
     if "transformers" in impls:
         from transformers import T5ForConditionalGeneration
@@ -229,14 +231,15 @@ def main():
     p.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
     p.add_argument("--device", default="cpu", help="cpu or cuda (on cuda: no CTranslate2, no peak RSS)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--compile", action="store_true", help="nanoflant5 with generate(compile=True)")
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.memory_child:
         return memory_child(*args.memory_child)
     if args.quick:
         args.models, args.repeats = "small", 1
-    global DEVICE, DTYPE
-    DEVICE, DTYPE = torch.device(args.device), getattr(torch, args.dtype)
+    global DEVICE, DTYPE, COMPILE
+    DEVICE, DTYPE, COMPILE = torch.device(args.device), getattr(torch, args.dtype), args.compile
     if DEVICE.type != "cpu":
         args.no_memory = True
     torch.set_num_threads(THREADS)
@@ -257,7 +260,7 @@ def main():
             mem.append((name, {i: peak_rss(i, folder) for i in impls}))
 
     print(f"\nCommand: `python {' '.join(sys.argv)}`  \ntorch {torch.__version__}, {THREADS} threads, {args.dtype}, "
-          f"{torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'CPU'}; "
+          f"{torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'CPU'}{'; nanoflant5 compiled' * COMPILE}; "
           f"inputs {IN_LEN} tokens, {NEW} new tokens forced; median of {args.repeats} alternating runs after a warm-up."
           "\n")
     print("| model | setting | transformers tok/s | nanoflant5 tok/s | ratio | CTranslate2 tok/s | ratio | outputs equal |")

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="truncate prompts to this many tokens (default: no truncation)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", choices=DTYPES, default="float32")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoding step: a slow first batch (~40 s on CPU), faster later ones")
 
     t = sub.add_parser("train", help="fine-tune on a JSONL or TSV file (torchrun for several processes)")
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -168,7 +170,8 @@ def cmd_generate(args) -> int:
     if args.stream:
         for prompt in prompts:
             ids, mask = tokenizer.encode([prompt], max_length=args.max_input_length)
-            stream_text(model.stream(ids.to(device), mask.to(device), generator=rng, **settings), tokenizer)
+            stream_text(model.stream(ids.to(device), mask.to(device), generator=rng, compile=args.compile,
+                                     **settings), tokenizer)
         return 0
 
     # Decode in batches of similar length (less padding); outputs do not depend on the batch, order is restored.
@@ -179,7 +182,7 @@ def cmd_generate(args) -> int:
         chunk = order[start:start + args.batch_size]
         ids, mask = tokenizer.encode([prompts[i] for i in chunk], max_length=args.max_input_length)
         rows, scores = model.generate(ids.to(device), mask.to(device), generator=rng, return_scores=True,
-                                      **settings)
+                                      compile=args.compile, **settings)
         texts = tokenizer.batch_decode(rows.cpu())
         for j, i in enumerate(chunk):
             outputs[i] = list(zip(texts[j * n:(j + 1) * n], scores[j * n:(j + 1) * n].tolist()))

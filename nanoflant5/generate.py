@@ -9,6 +9,7 @@ settings give transformers' rows exactly, and sampling draws the same tokens fro
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from functools import partial
 
@@ -83,21 +84,25 @@ def prepare(model: T5, input_ids, attention_mask, seed, generator, kwargs):
 
 @torch.inference_mode()
 def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = None,
-             generator: torch.Generator | None = None, return_scores: bool = False, **kwargs):
+             generator: torch.Generator | None = None, return_scores: bool = False, compile: bool = False,
+             **kwargs):
     """Rows [batch * num_return_sequences, length]: the decoder start token, the generated tokens, </s> where the
     model ended, then padding. Arguments as transformers' generate(): max_new_tokens, max_length, min_new_tokens,
     min_length, do_sample, num_beams, num_return_sequences, temperature, top_k, top_p, repetition_penalty,
     no_repeat_ngram_size, length_penalty, early_stopping; defaults from the checkpoint's generation config.
     seed or generator makes sampling repeatable. return_scores=True also returns a float32 score per row: for beam
     search transformers' sequence score (sum of processed log-probabilities / length**length_penalty), otherwise
-    the sum of the model's log-probabilities of the generated tokens (</s> included)."""
+    the sum of the model's log-probabilities of the generated tokens (</s> included). compile=True runs the decoding
+    step through torch.compile where that pays: not where CPU decoding uses packed weights (packs), which is faster
+    (the first call compiles, ~40 s on CPU for flan-t5-small; then +12% there at batch 1)."""
     g, attention_mask, rng = prepare(model, input_ids, attention_mask, seed, generator, kwargs)
     encoded = model.encode(input_ids, attention_mask)
     B = input_ids.shape[0]
     # copies of each input: its beams, or the sequences sampled from it (transformers repeats the input)
     copies = g.num_beams if g.num_beams > 1 else g.num_return_sequences
-    with packed_weights(model, B * copies, g.new_tokens):
-        step, cache = decoder_steps(model, encoded, attention_mask, copies, g.new_tokens + 1)
+    pack = packs(model, B * copies, g.new_tokens)
+    with packed_weights(model, B * copies if pack else 0):
+        step, cache = decoder_steps(model, encoded, attention_mask, copies, g.new_tokens + 1, compile and not pack)
         if g.num_beams == 1:
             rows, scores = None, None
             for rows, scores in token_steps(step, B * copies, model.config, g, rng, input_ids.device,
@@ -110,14 +115,18 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
 
 
 @torch.inference_mode()
-def stream(model: T5, input_ids, attention_mask=None, *, seed=None, generator=None, **kwargs):
+def stream(model: T5, input_ids, attention_mask=None, *, seed=None, generator=None, compile: bool = False,
+           **kwargs):
     """Greedy or sampled decoding that yields each step's new tokens, a LongTensor [batch] (padding for rows that
-    already ended), as soon as they are chosen. The tokens are those generate() returns for the same arguments."""
+    already ended), as soon as they are chosen. The tokens are those generate() returns for the same arguments
+    (compile as there)."""
     g, attention_mask, rng = prepare(model, input_ids, attention_mask, seed, generator, kwargs)
     if g.num_beams != 1 or g.num_return_sequences != 1:
         raise ValueError("streaming supports greedy decoding and sampling with one sequence per input")
-    step, _ = decoder_steps(model, model.encode(input_ids, attention_mask), attention_mask, 1, g.new_tokens + 1)
-    with packed_weights(model, input_ids.shape[0], g.new_tokens):
+    pack = packs(model, input_ids.shape[0], g.new_tokens)
+    step, _ = decoder_steps(model, model.encode(input_ids, attention_mask), attention_mask, 1, g.new_tokens + 1,
+                            compile and not pack)
+    with packed_weights(model, input_ids.shape[0] if pack else 0):
         for rows, _ in token_steps(step, input_ids.shape[0], model.config, g, rng, input_ids.device):
             if rows.shape[1] > 1:
                 yield rows[:, -1]
@@ -138,9 +147,9 @@ def score(model: T5, input_ids, attention_mask, labels, labels_mask=None):
     return token.sum(-1), keep.sum(-1)
 
 
-def decoder_steps(model: T5, encoded, attention_mask, copies: int, max_len: int):
+def decoder_steps(model: T5, encoded, attention_mask, copies: int, max_len: int, compile: bool = False):
     """A function step(tokens (N,), pos) -> float32 logits (N, vocab) for N = batch * copies rows (the copies of an
-    input are adjacent), and the KVCache it fills."""
+    input are adjacent), and the KVCache it fills. compile: the step goes through torch.compile (compiled_step)."""
     cross_kv = model.decoder.project(encoded)  # one per input, shared by its copies (CrossAttention.forward)
     cross_mask = padding_mask(attention_mask, encoded.dtype)
     bias = model.decoder.causal_bias(max_len)  # (1, H, max_len, max_len); step pos uses row pos
@@ -151,23 +160,52 @@ def decoder_steps(model: T5, encoded, attention_mask, copies: int, max_len: int)
         hidden = model.decoder(x, bias[:, :, pos:pos + 1, :pos + 1], cross_kv, cross_mask, cache, pos)
         return model.logits(hidden)[:, -1].float()
 
-    return step, cache
+    return (compiled_step(step, encoded.device) if compile else step), cache
+
+
+def compiled_step(step, device):
+    """torch.compile of a decoding step, with dynamic shapes so one compilation serves every position (and later
+    calls with the same model). If compiling fails (no C++ compiler for the CPU backend, an unsupported setup), one
+    warning, then the eager step."""
+    fast = torch.compile(step, dynamic=True, options={"cpp_wrapper": True} if device.type == "cpu" else None)
+
+    def run(tokens, pos: int):
+        nonlocal fast
+        if fast is not None:
+            try:
+                return fast(tokens, pos)
+            except Exception as e:  # a step that fails eagerly too raises again below
+                warnings.warn(f"torch.compile failed, decoding eagerly: {type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+                fast = None
+        return step(tokens, pos)
+
+    return run
+
+
+def step_linears(model: T5):
+    """The linear layers a decoding step runs: self- and cross-attention, feed-forward, output layer."""
+    return [model.lm_head] + [linear for b in model.decoder.blocks
+                              for linear in (b.attn.qkv, b.attn.o, b.cross.q, b.cross.o, b.ffn.wi, b.ffn.wo)]
+
+
+def packs(model: T5, rows: int, steps: int) -> bool:
+    """Whether decoding `rows` rows for up to `steps` steps uses packed_weights: CPU, float32, 4-64 rows, 16+ steps.
+    For 4 to 64 rows MKL's packed GEMM makes whole generations 1.1-1.3x faster here (1-3 rows: no faster; 128:
+    1.01x), and packing, which costs about two steps, does not pay for short generations."""
+    return (MKL_PACKING and rows in PACK_ROWS and steps >= PACK_MIN_STEPS and not torch.is_autocast_enabled("cpu")
+            and all(linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32
+                    for linear in step_linears(model)))
 
 
 @contextmanager
-def packed_weights(model: T5, rows: int, steps: int):
-    """CPU, float32: inside the block, the linear layers of a decoding step (self- and cross-attention, feed-forward,
-    output layer) use copies of their weights prepacked for MKL's GEMM with `rows` rows. Every step feeds that many
-    rows, and for 4 to 64 rows the packed GEMM makes whole generations 1.1-1.3x faster here (1-3 rows: no faster;
-    128: 1.01x; and packing, which costs about two steps, does not pay for short generations). The copies (~1.35x
-    those weights' memory) are made on entry and dropped on exit, so weights changed between calls (training) never
-    meet a stale copy."""
-    linears = [model.lm_head] + [linear for b in model.decoder.blocks
-                                 for linear in (b.attn.qkv, b.attn.o, b.cross.q, b.cross.o, b.ffn.wi, b.ffn.wo)]
-    use = (MKL_PACKING and rows in PACK_ROWS and steps >= PACK_MIN_STEPS and not torch.is_autocast_enabled("cpu")
-           and all(linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32 for linear in linears))
+def packed_weights(model: T5, rows: int):
+    """Inside the block (rows > 0), a decoding step's linear layers use copies of their weights prepacked for MKL's
+    GEMM with `rows` rows, the number every step feeds. The copies (~1.35x those weights' memory) are made on entry
+    and dropped on exit, so weights changed between calls (training) never meet a stale copy."""
+    linears = step_linears(model)
     try:
-        for linear in linears if use else []:
+        for linear in linears if rows > 0 else []:
             w = linear.weight
             linear.forward = partial(_packed_linear, w, torch.ops.mkl._mkl_reorder_linear_weight(w, rows), rows)
         yield

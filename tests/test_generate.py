@@ -145,6 +145,40 @@ def test_packed_weights_follow_training_and_autocast(checkpoint, monkeypatch):
         assert torch.equal(model.generate(ids, mask, **kw)[0], plain[0])
 
 
+def test_compiled_step_matches_eager(checkpoint):
+    """generate(compile=True) runs the decoding step through torch.compile (one compilation serves every position and
+    both calls) and gives the eager rows: greedy on a padded batch, and 3 beams (3 rows: too few to pack)."""
+    import warnings
+
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = load_model(folder, dtype=torch.float32)
+    ids, mask = random_batch(96, LENGTHS[:2], seed=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = model.generate(ids, mask, compile=True, max_new_tokens=16)
+        beams = model.generate(ids[1:, :LENGTHS[1]], compile=True, max_new_tokens=16, num_beams=3)
+        streamed = torch.stack(list(model.stream(ids, mask, compile=True, max_new_tokens=16)), 1)
+    assert not [w for w in caught if "torch.compile failed" in str(w.message)]
+    assert torch.equal(compiled, model.generate(ids, mask, max_new_tokens=16))
+    assert torch.equal(beams, model.generate(ids[1:, :LENGTHS[1]], max_new_tokens=16, num_beams=3))
+    assert torch.equal(streamed, compiled[:, 1:])
+
+
+def test_compile_failure_falls_back_to_eager(checkpoint, monkeypatch):
+    def broken(fn, **kw):
+        def run(*a):
+            raise RuntimeError("no C++ compiler found\nmore detail")
+        return run
+
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = load_model(folder, dtype=torch.float32)
+    ids, mask = random_batch(96, LENGTHS[:2], seed=8)
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.warns(UserWarning, match="torch.compile failed, decoding eagerly: RuntimeError: no C.. compiler found$"):
+        rows = model.generate(ids, mask, compile=True, max_new_tokens=16)
+    assert torch.equal(rows, model.generate(ids, mask, max_new_tokens=16))
+
+
 def test_real_size_flan_t5_small(tmp_path):
     """The published flan-t5-small architecture (random weights): greedy and beam rows equal transformers'."""
     import json
