@@ -6,6 +6,7 @@ PyTorch has none on CPU)."""
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -51,6 +52,10 @@ def main():
             same = sum(torch.equal(x, y) for x, y in zip(a, b)) if a.shape == b.shape else 0
             check(f"fp32 generate vs transformers {kw}", same >= len(b) - 1, f"{same}/{len(b)} rows equal")
         exact, exact_logits = ours.generate(ids, mask, max_new_tokens=32), ours(ids, mask, dec)
+        t0 = time.perf_counter()
+        compiled = ours.generate(ids, mask, max_new_tokens=32, compile=True)
+        check("generate(compile=True) vs eager", torch.equal(compiled, exact),
+              f"(first call, with compilation: {time.perf_counter() - t0:.0f} s)")
         for dtype, tol in ((torch.bfloat16, 0.25), (torch.float16, 0.05)):  # random weights amplify rounding
             low = T5.from_pretrained(folder, dtype=dtype, device=device)
             logits = low(ids, mask, dec).float()
