@@ -94,7 +94,7 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
     search transformers' sequence score (sum of processed log-probabilities / length**length_penalty), otherwise
     the sum of the model's log-probabilities of the generated tokens (</s> included). compile=True runs the decoding
     step through torch.compile where that pays: not where CPU decoding uses packed weights (packs), which is faster
-    (the first call compiles, ~40 s on CPU for flan-t5-small; then +12% there at batch 1)."""
+    (the first call compiles, ~40 s on CPU for flan-t5-small; later calls decode 1.15-1.2x faster at batch 1)."""
     g, attention_mask, rng = prepare(model, input_ids, attention_mask, seed, generator, kwargs)
     encoded = model.encode(input_ids, attention_mask)
     B = input_ids.shape[0]
@@ -175,8 +175,8 @@ def compiled_step(step, device):
             try:
                 return fast(tokens, pos)
             except Exception as e:  # a step that fails eagerly too raises again below
-                warnings.warn(f"torch.compile failed, decoding eagerly: {type(e).__name__}: "
-                              f"{str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}")
+                first_line = (str(e).strip().splitlines() or [""])[0][:300]
+                warnings.warn(f"torch.compile failed, decoding eagerly: {type(e).__name__}: {first_line}")
                 fast = None
         return step(tokens, pos)
 
