@@ -93,16 +93,16 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
     seed or generator makes sampling repeatable. return_scores=True also returns a float32 score per row: for beam
     search transformers' sequence score (sum of processed log-probabilities / length**length_penalty), otherwise
     the sum of the model's log-probabilities of the generated tokens (</s> included). compile=True runs the decoding
-    step through torch.compile where that pays: not where CPU decoding uses packed weights (packs), which is faster
-    (the first call compiles, ~40 s on CPU for flan-t5-small; later calls decode 1.15-1.2x faster at batch 1)."""
+    step through torch.compile where that pays: not where CPU decoding uses packed weights (packed_weights), which is
+    faster (the first call compiles, ~40 s on CPU for flan-t5-small; later calls decode 1.15-1.2x faster at
+    batch 1)."""
     g, attention_mask, rng = prepare(model, input_ids, attention_mask, seed, generator, kwargs)
     encoded = model.encode(input_ids, attention_mask)
     B = input_ids.shape[0]
     # copies of each input: its beams, or the sequences sampled from it (transformers repeats the input)
     copies = g.num_beams if g.num_beams > 1 else g.num_return_sequences
-    pack = packs(model, B * copies, g.new_tokens)
-    with packed_weights(model, B * copies if pack else 0):
-        step, cache = decoder_steps(model, encoded, attention_mask, copies, g.new_tokens + 1, compile and not pack)
+    with packed_weights(model, B * copies, g.new_tokens) as packed:
+        step, cache = decoder_steps(model, encoded, attention_mask, copies, g.new_tokens + 1, compile and not packed)
         if g.num_beams == 1:
             rows, scores = None, None
             for rows, scores in token_steps(step, B * copies, model.config, g, rng, input_ids.device,
@@ -123,10 +123,9 @@ def stream(model: T5, input_ids, attention_mask=None, *, seed=None, generator=No
     g, attention_mask, rng = prepare(model, input_ids, attention_mask, seed, generator, kwargs)
     if g.num_beams != 1 or g.num_return_sequences != 1:
         raise ValueError("streaming supports greedy decoding and sampling with one sequence per input")
-    pack = packs(model, input_ids.shape[0], g.new_tokens)
-    step, _ = decoder_steps(model, model.encode(input_ids, attention_mask), attention_mask, 1, g.new_tokens + 1,
-                            compile and not pack)
-    with packed_weights(model, input_ids.shape[0] if pack else 0):
+    encoded = model.encode(input_ids, attention_mask)
+    with packed_weights(model, input_ids.shape[0], g.new_tokens) as packed:
+        step, _ = decoder_steps(model, encoded, attention_mask, 1, g.new_tokens + 1, compile and not packed)
         for rows, _ in token_steps(step, input_ids.shape[0], model.config, g, rng, input_ids.device):
             if rows.shape[1] > 1:
                 yield rows[:, -1]
@@ -183,32 +182,23 @@ def compiled_step(step, device):
     return run
 
 
-def step_linears(model: T5):
-    """The linear layers a decoding step runs: self- and cross-attention, feed-forward, output layer."""
-    return [model.lm_head] + [linear for b in model.decoder.blocks
-                              for linear in (b.attn.qkv, b.attn.o, b.cross.q, b.cross.o, b.ffn.wi, b.ffn.wo)]
-
-
-def packs(model: T5, rows: int, steps: int) -> bool:
-    """Whether decoding `rows` rows for up to `steps` steps uses packed_weights: CPU, float32, 4-64 rows, 16+ steps.
-    For 4 to 64 rows MKL's packed GEMM makes whole generations 1.1-1.3x faster here (1-3 rows: no faster; 128:
-    1.01x), and packing, which costs about two steps, does not pay for short generations."""
-    return (MKL_PACKING and rows in PACK_ROWS and steps >= PACK_MIN_STEPS and not torch.is_autocast_enabled("cpu")
-            and all(linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32
-                    for linear in step_linears(model)))
-
-
 @contextmanager
-def packed_weights(model: T5, rows: int):
-    """Inside the block (rows > 0), a decoding step's linear layers use copies of their weights prepacked for MKL's
-    GEMM with `rows` rows, the number every step feeds. The copies (~1.35x those weights' memory) are made on entry
-    and dropped on exit, so weights changed between calls (training) never meet a stale copy."""
-    linears = step_linears(model)
+def packed_weights(model: T5, rows: int, steps: int):
+    """Inside the block, a decoding step's linear layers (self- and cross-attention, feed-forward, output layer) use
+    copies of their weights prepacked for MKL's GEMM with `rows` rows, the number every step feeds, where that pays:
+    CPU, float32, no autocast, 4-64 rows, up to 16+ steps. For 4 to 64 rows the packed GEMM makes whole generations
+    1.1-1.3x faster here (1-3 rows: no faster; 128: 1.01x), and packing, which costs about two steps, does not pay
+    for short generations. Yields whether it packed. The copies (~1.35x those weights' memory) are made on entry and
+    dropped on exit, so weights changed between calls (training) never meet a stale copy."""
+    linears = [model.lm_head] + [linear for b in model.decoder.blocks
+                                 for linear in (b.attn.qkv, b.attn.o, b.cross.q, b.cross.o, b.ffn.wi, b.ffn.wo)]
+    use = (MKL_PACKING and rows in PACK_ROWS and steps >= PACK_MIN_STEPS and not torch.is_autocast_enabled("cpu")
+           and all(linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32 for linear in linears))
     try:
-        for linear in linears if rows > 0 else []:
+        for linear in linears if use else []:
             w = linear.weight
             linear.forward = partial(_packed_linear, w, torch.ops.mkl._mkl_reorder_linear_weight(w, rows), rows)
-        yield
+        yield use
     finally:
         for linear in linears:
             linear.__dict__.pop("forward", None)  # back to nn.Linear.forward

@@ -122,6 +122,8 @@ def test_packed_weights_change_no_output(checkpoint, monkeypatch):
 def test_packed_weights_follow_training_and_autocast(checkpoint, monkeypatch):
     """Weights changed between two calls (a fused AdamW step, which does not bump tensors' version counters) are
     never met by a stale packed copy; under CPU autocast the decoder runs as autocast says."""
+    from contextlib import nullcontext
+
     from nanoflant5.train import TrainArgs, loss_sum, make_optimizer
 
     folder, _ = checkpoint("gated-gelu-untied")
@@ -131,7 +133,7 @@ def test_packed_weights_follow_training_and_autocast(checkpoint, monkeypatch):
     model.generate(ids, mask, **kw)
     optimizer = make_optimizer(model, TrainArgs(model="", data="", output="", lr=1e-2))
     model.train()
-    loss_sum(model, ids, mask, ids, __import__("contextlib").nullcontext()).backward()
+    loss_sum(model, ids, mask, ids, nullcontext()).backward()
     optimizer.step()
     model.eval()
     rows, scores = model.generate(ids, mask, **kw)
