@@ -52,6 +52,33 @@ def test_beam_search_matches_transformers(checkpoint, name, stride, max_new_toke
         assert torch.equal(got, want), kw
 
 
+def test_blockwise_argmax_and_top_k_equal_torch():
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1, 256), (8, 32128), (3, 4 * 32128)]:
+        x = torch.randn(shape, generator=g)
+        x[0, 7] = x[0, 200] = x.max() + 1  # a tie: argmax takes the first
+        x[-1, ::3] = float("-inf")
+        assert torch.equal(G.argmax(x), x.argmax(-1))
+        for k in (1, 2, 8):
+            x[0, 200] += 0.5  # top_k: no ties
+            want, got = x.topk(k), G.top_k(x, k)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    x = torch.randn(2, 300, generator=g)  # not a multiple of the block size: torch's own
+    assert torch.equal(G.argmax(x), x.argmax(-1)) and torch.equal(G.top_k(x, 3)[1], x.topk(3)[1])
+
+
+def test_blockwise_search_matches_transformers(checkpoint, monkeypatch):
+    """The tiny test vocabulary (96) is below one block of 128, so the other parity tests use torch's argmax and
+    topk; with blocks of 8 they take the blockwise path."""
+    monkeypatch.setattr(G, "CHUNK", 8)
+    folder, ref = checkpoint("gated-gelu-untied")
+    model = load_model(folder, dtype=torch.float64)
+    ids, mask = random_batch(96, LENGTHS, seed=3)
+    for kw in [dict(max_new_tokens=24), dict(max_new_tokens=24, min_new_tokens=6)] + list(beam_grid())[::4]:
+        kw = dict(max_new_tokens=20) | kw
+        assert torch.equal(model.generate(ids, mask, **kw), hf_generate(ref, ids, mask, **kw)), kw
+
+
 def test_outputs_are_not_degenerate(checkpoint):
     """Guard for the test checkpoints themselves: outputs use many tokens and end at different lengths."""
     folder, _ = checkpoint("gated-gelu-untied")
