@@ -7,7 +7,6 @@ import torch
 
 import nanoflant5.generate as G
 from helpers import CONFIGS, make_checkpoint, random_batch
-from nanoflant5.generate import _packed_linear
 from nanoflant5.load import load_model
 
 LENGTHS = [7, 3, 12, 5, 20, 9]
@@ -123,6 +122,19 @@ def test_batching_does_not_change_outputs(checkpoint, num_beams):
         assert (row[len(alone):] == row[-1]).all()  # only padding after it
 
 
+def count_packed_calls(monkeypatch):
+    """A list that grows by one each time a linear layer finds its packed weights (generate._packed_linear)."""
+    calls = []
+
+    class Counting(dict):
+        def get(self, key, default=None):
+            calls.extend([1] if key in self else [])
+            return super().get(key, default)
+
+    monkeypatch.setattr(G, "_PACKED", Counting())
+    return calls
+
+
 @pytest.mark.skipif(not G.MKL_PACKING, reason="torch built without MKL")
 def test_packed_weights_change_no_output(checkpoint, monkeypatch):
     """float32 on CPU: batched and beam decoding run the decoder on MKL-prepacked weights (packed_weights). Rows are
@@ -130,14 +142,13 @@ def test_packed_weights_change_no_output(checkpoint, monkeypatch):
     folder, _ = checkpoint("gated-gelu-untied")
     model = load_model(folder, dtype=torch.float32)
     ids, mask = random_batch(96, LENGTHS, seed=6)
-    calls = []
-    monkeypatch.setattr(G, "_packed_linear", lambda *a: calls.append(1) or _packed_linear(*a))
+    calls = count_packed_calls(monkeypatch)
     for kw in [dict(max_new_tokens=20), dict(max_new_tokens=20, num_beams=3, num_return_sequences=2)]:
         calls.clear()
         rows, scores = model.generate(ids, mask, return_scores=True, **kw)
         per_step = 6 * len(model.decoder.blocks) + 1  # every decoding step's linears took the packed path
         assert len(calls) >= per_step * (rows.shape[1] - 1) > 0
-        assert not any("forward" in m.__dict__ for m in model.modules())
+        assert not any("forward" in m.__dict__ for m in model.modules()) and not G._PACKED
         monkeypatch.setattr(G, "MKL_PACKING", False)
         plain_rows, plain_scores = model.generate(ids, mask, return_scores=True, **kw)
         monkeypatch.setattr(G, "MKL_PACKING", True)
@@ -174,23 +185,29 @@ def test_packed_weights_follow_training_and_autocast(checkpoint, monkeypatch):
         assert torch.equal(model.generate(ids, mask, **kw)[0], plain[0])
 
 
-def test_compiled_step_matches_eager(checkpoint):
+def test_compiled_step_matches_eager(checkpoint, monkeypatch):
     """generate(compile=True) runs the decoding step through torch.compile (one compilation serves every position and
-    both calls) and gives the eager rows: greedy on a padded batch, and 3 beams (3 rows: too few to pack)."""
+    both calls) and gives the eager rows: greedy on a padded batch, 3 beams (3 rows: too few to pack), and 3 beams
+    of both inputs (6 rows: the compiled step calls the packed linears)."""
     import warnings
 
     folder, _ = checkpoint("gated-gelu-untied")
     model = load_model(folder, dtype=torch.float32)
     ids, mask = random_batch(96, LENGTHS[:2], seed=8)
+    calls = count_packed_calls(monkeypatch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         compiled = model.generate(ids, mask, compile=True, max_new_tokens=16)
         beams = model.generate(ids[1:, :LENGTHS[1]], compile=True, max_new_tokens=16, num_beams=3)
         streamed = torch.stack(list(model.stream(ids, mask, compile=True, max_new_tokens=16)), 1)
+        assert not calls
+        packed = model.generate(ids, mask, compile=True, max_new_tokens=16, num_beams=3)
+        assert len(calls) >= (packed.shape[1] - 1) * (6 * len(model.decoder.blocks) + 1) or not G.MKL_PACKING
     assert not [w for w in caught if "torch.compile failed" in str(w.message)]
     assert torch.equal(compiled, model.generate(ids, mask, max_new_tokens=16))
     assert torch.equal(beams, model.generate(ids[1:, :LENGTHS[1]], max_new_tokens=16, num_beams=3))
     assert torch.equal(streamed, compiled[:, 1:])
+    assert torch.equal(packed, model.generate(ids, mask, max_new_tokens=16, num_beams=3))
 
 
 def test_compile_failure_falls_back_to_eager(checkpoint, monkeypatch):
