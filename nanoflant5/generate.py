@@ -170,7 +170,7 @@ def compiled_step(step, device):
 
     def run(tokens, pos: int):
         nonlocal fast
-        if fast is not None:
+        if fast is not None and pos > 0:  # (dynamo would compile the first position on its own)
             try:
                 return fast(tokens, pos)
             except Exception as e:  # a step that fails eagerly too raises again below
