@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", choices=DTYPES, default="float32")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the decoding step: a slow first batch (~40 s on CPU), faster later ones")
+                   help="torch.compile the decoding step: a slow first batch (15-40 s on CPU), faster later ones")
 
     t = sub.add_parser("train", help="fine-tune on a JSONL or TSV file (torchrun for several processes)")
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
