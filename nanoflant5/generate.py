@@ -94,8 +94,8 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
     seed or generator makes sampling repeatable. return_scores=True also returns a float32 score per row: for beam
     search transformers' sequence score (sum of processed log-probabilities / length**length_penalty), otherwise
     the sum of the model's log-probabilities of the generated tokens (</s> included). compile=True runs the decoding
-    step through torch.compile (compiled_step): the first call compiles (~15-40 s on CPU for flan-t5-small), later
-    ones decode faster (measured on CPU: 1.02-1.24x, see the README)."""
+    step through torch.compile (compiled_step): the first call of each kind compiles (15-40 s on CPU for
+    flan-t5-small), later ones decode faster (measured on CPU: 1.02-1.24x, see the README)."""
     g, attention_mask, rng = prepare(model, input_ids, attention_mask, seed, generator, kwargs)
     encoded = model.encode(input_ids, attention_mask)
     B = input_ids.shape[0]
@@ -186,7 +186,7 @@ def compiled_step(step, device):
 def packed_weights(model: T5, rows: int, steps: int):
     """Inside the block, a decoding step's linear layers (self- and cross-attention, feed-forward, output layer) use
     copies of their weights prepacked for MKL's GEMM with `rows` rows, the number every step feeds, where that pays:
-    CPU, float32, no autocast, 4-64 rows, up to 16+ steps. For 4 to 64 rows the packed GEMM makes whole generations
+    CPU, float32, no autocast, 4-64 rows, 16 or more steps. For 4 to 64 rows the packed GEMM makes whole generations
     1.1-1.3x faster here (1-3 rows: no faster; 128: 1.01x), and packing, which costs about two steps, does not pay
     for short generations. The copies (~1.35x those weights' memory) are made on entry and dropped on exit, so
     weights changed between calls (training) never meet a stale copy."""
@@ -194,38 +194,43 @@ def packed_weights(model: T5, rows: int, steps: int):
                                  for linear in (b.attn.qkv, b.attn.o, b.cross.q, b.cross.o, b.ffn.wi, b.ffn.wo)]
     use = (MKL_PACKING and rows in PACK_ROWS and steps >= PACK_MIN_STEPS and not torch.is_autocast_enabled("cpu")
            and all(linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32 for linear in linears))
+    packed = []  # (linear, key) of this block's copies
     try:
         for linear in linears if use else []:
             w = linear.weight
-            _PACKED[w.data_ptr()] = torch.ops.mkl._mkl_reorder_linear_weight(w, rows), rows
+            key = (w.data_ptr(), w.shape)
+            _PACKED[key] = torch.ops.mkl._mkl_reorder_linear_weight(w, rows), rows
+            packed.append((linear, key))
             forward = _FORWARDS.get(linear)
             if forward is None or forward.keywords["weight"] is not w:
                 forward = _FORWARDS[linear] = partial(torch.ops.nanoflant5.packed_linear, weight=w)
             linear.forward = forward  # the same object every call, so a compiled step's guards still hold
         yield
     finally:
-        for linear in linears:
-            _PACKED.pop(linear.weight.data_ptr(), None)
+        for linear, key in packed:
+            _PACKED.pop(key, None)
             linear.__dict__.pop("forward", None)  # back to nn.Linear.forward
 
 
 # The packed linear as an operator of its own, which torch.compile calls as it is (it cannot trace MKL's packed
-# weights). The packed copies are looked up by the weight's storage while packed_weights is active.
-_PACKED: dict[int, tuple[torch.Tensor, int]] = {}
+# weights). The packed copies are looked up by the weight's address and shape while packed_weights is active.
+_PACKED: dict[tuple, tuple[torch.Tensor, int]] = {}
 _FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 if MKL_PACKING:
-    _lib = torch.library.Library("nanoflant5", "DEF")
-    _lib.define("packed_linear(Tensor x, Tensor weight) -> Tensor")
+    _mkl_linear = torch.ops.mkl._mkl_linear
 
     def _packed_linear(x, weight):
-        packed, rows = _PACKED.get(weight.data_ptr(), (None, 0))
+        packed, rows = _PACKED.get((weight.data_ptr(), weight.shape), (None, 0))
         if packed is None or x.numel() != rows * x.shape[-1] or x.dtype != weight.dtype:
             return F.linear(x, weight)
-        return torch.ops.mkl._mkl_linear(x, packed, weight, None, rows)
+        return _mkl_linear(x, packed, weight, None, rows)
 
-    _lib.impl("packed_linear", _packed_linear, "CPU")
-    torch.library.register_fake("nanoflant5::packed_linear",
-                                lambda x, weight: x.new_empty(*x.shape[:-1], weight.shape[0]), lib=_lib)
+    if not hasattr(torch.ops.nanoflant5, "packed_linear"):  # once per process (importlib.reload runs this again)
+        _lib = torch.library.Library("nanoflant5", "DEF")
+        _lib.define("packed_linear(Tensor x, Tensor weight) -> Tensor")
+        _lib.impl("packed_linear", lambda x, weight: _packed_linear(x, weight), "CPU")  # the current definition
+        torch.library.register_fake("nanoflant5::packed_linear",
+                                    lambda x, weight: x.new_empty(*x.shape[:-1], weight.shape[0]), lib=_lib)
 
 
 def trim(rows, eos: int):
@@ -264,15 +269,16 @@ def token_steps(step, N: int, cfg, g: GenerationConfig, rng, device, every: int 
 
 
 # argmax and top_k over a vocabulary-sized last dimension, by blocks of CHUNK entries: on CPU, torch's argmax and
-# topk scan it element by element, while amax is vectorized. Exact: the result is torch's (ties aside, for top_k).
+# topk scan it element by element, while amax is vectorized. Elsewhere (and for other lengths) torch's own.
 CHUNK = 128
 
 
 def argmax(scores):
-    """scores.argmax(-1) for 2-D scores (the first maximum of each row): the first block holding the row's maximum,
-    then the first maximum within it. ~5x faster than argmax on CPU for flan-t5's vocabulary."""
+    """scores.argmax(-1) for 2-D scores, exactly (the first maximum of each row, NaN counting as the maximum): the
+    first block holding the row's maximum, then the first maximum within it. ~5x faster than argmax on CPU for
+    flan-t5's vocabulary."""
     N, n = scores.shape
-    if n % CHUNK:
+    if n % CHUNK or scores.device.type != "cpu":
         return scores.argmax(-1)
     blocks = scores.view(N, n // CHUNK, CHUNK)
     block = blocks.amax(-1).argmax(-1, keepdim=True)  # (N, 1)
@@ -282,10 +288,11 @@ def argmax(scores):
 
 def top_k(scores, k: int):
     """scores.topk(k) for 2-D scores: the k largest entries lie in the k blocks with the largest maxima (any other
-    block's entries are each outdone by k block maxima), so only those k blocks are searched. ~7x faster than topk on
-    CPU for beam search's (batch, beams * vocabulary) scores."""
+    block's entries are each matched or outdone by k block maxima), so only those k blocks are searched. The same
+    values as topk; equal entries may come in another order. ~7x faster than topk on CPU for beam search's
+    (batch, beams * vocabulary) scores."""
     N, n = scores.shape
-    if n % CHUNK or n // CHUNK < k:
+    if n % CHUNK or n // CHUNK < k or scores.device.type != "cpu":
         return scores.topk(k)
     blocks = scores.view(N, n // CHUNK, CHUNK)
     best = blocks.amax(-1).topk(k).indices  # (N, k)
@@ -321,6 +328,8 @@ def beam_search(step, cache: KVCache, batch: int, cfg, g: GenerationConfig, rng,
     improvable = torch.ones(B, 1, dtype=torch.bool, device=device)
     in_top_nb = torch.arange(k, device=device) < nb
     row_offset = torch.arange(B, device=device)[:, None] * nb
+    # top_k may order equal candidates unlike torch.topk, and equal scores are common only with half-precision logits
+    search = top_k if cache.kv[0].dtype in (torch.float32, torch.float64) else torch.topk
 
     for t in range(g.new_tokens):
         log_probs = F.log_softmax(step(running[:, :, t].reshape(-1), t), dim=-1)  # (B*nb, V)
@@ -332,7 +341,7 @@ def beam_search(step, cache: KVCache, batch: int, cfg, g: GenerationConfig, rng,
             cand_scores, order = scores.gather(1, cand_index).sort(dim=-1, descending=True)
             cand_index = cand_index.gather(1, order)
         else:
-            cand_scores, cand_index = top_k(scores, k)  # (B, 2nb)
+            cand_scores, cand_index = search(scores, k)  # (B, 2nb)
         parent, token = cand_index // V, cand_index % V
         cand = _gather(running, parent)
         cand[:, :, t + 1] = token

@@ -36,7 +36,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        if x.dtype == self.weight.dtype == torch.float32:  # the same arithmetic, in one call
+        if x.dtype == self.weight.dtype == torch.float32 and x.device.type == "cpu":  # the same arithmetic, one call
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight.dtype in (torch.float16, torch.bfloat16):
