@@ -280,7 +280,7 @@ def argmax(scores):
     N, n = scores.shape
     if n % CHUNK or scores.device.type != "cpu":
         return scores.argmax(-1)
-    blocks = scores.view(N, n // CHUNK, CHUNK)
+    blocks = scores.reshape(N, n // CHUNK, CHUNK)
     block = blocks.amax(-1).argmax(-1, keepdim=True)  # (N, 1)
     within = blocks.gather(1, block[..., None].expand(-1, -1, CHUNK)).squeeze(1).argmax(-1)
     return block.squeeze(1) * CHUNK + within
@@ -294,7 +294,7 @@ def top_k(scores, k: int):
     N, n = scores.shape
     if n % CHUNK or n // CHUNK < k or scores.device.type != "cpu":
         return scores.topk(k)
-    blocks = scores.view(N, n // CHUNK, CHUNK)
+    blocks = scores.reshape(N, n // CHUNK, CHUNK)
     best = blocks.amax(-1).topk(k).indices  # (N, k)
     values, i = blocks.gather(1, best[..., None].expand(-1, -1, CHUNK)).view(N, k * CHUNK).topk(k)
     return values, best.gather(1, i // CHUNK) * CHUNK + i % CHUNK
