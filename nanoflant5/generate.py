@@ -101,12 +101,14 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
     B = input_ids.shape[0]
     # copies of each input: its beams, or the sequences sampled from it (transformers repeats the input)
     copies = g.num_beams if g.num_beams > 1 else g.num_return_sequences
-    with packed_weights(model, B * copies, g.new_tokens):
-        step, cache = decoder_steps(model, encoded, attention_mask, copies, g.new_tokens + 1, compile)
+    screen = output_screen(model, g.new_tokens) if g.num_beams == 1 and not (g.do_sample or return_scores) else None
+    with packed_weights(model, B * copies, g.new_tokens, output_layer=screen is None):
+        step, cache = decoder_steps(model, encoded, attention_mask, copies, g.new_tokens + 1, compile,
+                                    features=screen is not None)
         if g.num_beams == 1:
             rows, scores = None, None
             for rows, scores in token_steps(step, B * copies, model.config, g, rng, input_ids.device,
-                                            check_every(input_ids.device), return_scores):
+                                            check_every(input_ids.device), return_scores, screen):
                 pass
             rows = trim(rows, model.config.eos_token_id)
         else:
@@ -124,9 +126,10 @@ def stream(model: T5, input_ids, attention_mask=None, *, seed=None, generator=No
     if g.num_beams != 1 or g.num_return_sequences != 1:
         raise ValueError("streaming supports greedy decoding and sampling with one sequence per input")
     encoded = model.encode(input_ids, attention_mask)
-    with packed_weights(model, input_ids.shape[0], g.new_tokens):
-        step, _ = decoder_steps(model, encoded, attention_mask, 1, g.new_tokens + 1, compile)
-        for rows, _ in token_steps(step, input_ids.shape[0], model.config, g, rng, input_ids.device):
+    screen = None if g.do_sample else output_screen(model, g.new_tokens)
+    with packed_weights(model, input_ids.shape[0], g.new_tokens, output_layer=screen is None):
+        step, _ = decoder_steps(model, encoded, attention_mask, 1, g.new_tokens + 1, compile, screen is not None)
+        for rows, _ in token_steps(step, input_ids.shape[0], model.config, g, rng, input_ids.device, screen=screen):
             if rows.shape[1] > 1:
                 yield rows[:, -1]
 
@@ -146,9 +149,11 @@ def score(model: T5, input_ids, attention_mask, labels, labels_mask=None):
     return token.sum(-1), keep.sum(-1)
 
 
-def decoder_steps(model: T5, encoded, attention_mask, copies: int, max_len: int, compile: bool = False):
+def decoder_steps(model: T5, encoded, attention_mask, copies: int, max_len: int, compile: bool = False,
+                  features: bool = False):
     """A function step(tokens (N,), pos) -> float32 logits (N, vocab) for N = batch * copies rows (the copies of an
-    input are adjacent), and the KVCache it fills. compile: the step goes through torch.compile (compiled_step)."""
+    input are adjacent), and the KVCache it fills. compile: the step goes through torch.compile (compiled_step).
+    features: the step returns the output layer's inputs (N, d_model) instead of logits (for an OutputScreen)."""
     cross_kv = model.decoder.project(encoded)  # one per input, shared by its copies (CrossAttention.forward)
     cross_mask = padding_mask(attention_mask, encoded.dtype)
     bias = model.decoder.causal_bias(max_len)  # (1, H, max_len, max_len); step pos uses row pos
@@ -156,8 +161,10 @@ def decoder_steps(model: T5, encoded, attention_mask, copies: int, max_len: int,
 
     def step(tokens, pos: int):
         x = model.shared(tokens[:, None])  # (N, 1, d_model)
-        hidden = model.decoder(x, bias[:, :, pos:pos + 1, :pos + 1], cross_kv, cross_mask, cache, pos)
-        return model.logits(hidden)[:, -1].float()
+        hidden = model.decoder(x, bias[:, :, pos:pos + 1, :pos + 1], cross_kv, cross_mask, cache, pos)[:, -1]
+        if features:
+            return hidden * model.config.d_model ** -0.5 if model.config.scale_decoder_outputs else hidden
+        return model.logits(hidden).float()
 
     return (compiled_step(step, encoded.device) if compile else step), cache
 
@@ -183,14 +190,15 @@ def compiled_step(step, device):
 
 
 @contextmanager
-def packed_weights(model: T5, rows: int, steps: int):
+def packed_weights(model: T5, rows: int, steps: int, output_layer: bool = True):
     """Inside the block, a decoding step's linear layers (self- and cross-attention, feed-forward, output layer) use
     copies of their weights prepacked for MKL's GEMM with `rows` rows, the number every step feeds, where that pays:
     CPU, float32, no autocast, 4-64 rows, 16 or more steps. For 4 to 64 rows the packed GEMM makes whole generations
     1.1-1.3x faster here (1-3 rows: no faster; 128: 1.01x), and packing, which costs about two steps, does not pay
     for short generations. The copies (~1.35x those weights' memory) are made on entry and dropped on exit, so
-    weights changed between calls (training) never meet a stale copy."""
-    linears = [model.lm_head] + [linear for b in model.decoder.blocks
+    weights changed between calls (training) never meet a stale copy. output_layer=False: not the output layer (greedy
+    decoding reads it through an OutputScreen)."""
+    linears = [model.lm_head] * output_layer + [linear for b in model.decoder.blocks
                                  for linear in (b.attn.qkv, b.attn.o, b.cross.q, b.cross.o, b.ffn.wi, b.ffn.wo)]
     use = (MKL_PACKING and rows in PACK_ROWS and steps >= PACK_MIN_STEPS and not torch.is_autocast_enabled("cpu")
            and all(linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32 for linear in linears))
@@ -233,6 +241,122 @@ if MKL_PACKING:
                                     lambda x, weight: x.new_empty(*x.shape[:-1], weight.shape[0]), lib=_lib)
 
 
+# Greedy decoding's output layer through an int8 screen (OutputScreen). On CPU the output layer is ~40% of the bytes a
+# flan-t5-small step reads; its int8 copy is a quarter of that.
+SCREEN = hasattr(torch, "_int_mm")  # tests switch it off to compare with the full output layer
+SCREEN_MIN_STEPS = 16  # the first call makes the int8 copy (~0.2 s for flan-t5-small): not for short generations
+SCREEN_MAX = 0.25  # more candidate tokens than this fraction of the vocabulary: the full output layer is cheaper
+_SCREENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lm_head -> its OutputScreen
+
+
+def output_screen(model: T5, steps: int):
+    """The OutputScreen of the model's output layer for greedy decoding on CPU in float32 or float64 (16 or more
+    steps), else None. It is made on first use and kept while the weights stay the same (row_sums)."""
+    lm_head = model.lm_head
+    w = lm_head.weight
+    if (not SCREEN or steps < SCREEN_MIN_STEPS or w.device.type != "cpu" or not w.is_contiguous() or w.shape[1] % 2
+            or w.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu")):
+        return None
+    screen = _SCREENS.get(lm_head)
+    if screen is None or screen.q_t.shape != w.shape[::-1] or not torch.equal(row_sums(w), screen.sums):
+        screen = _SCREENS[lm_head] = OutputScreen(w)
+    screen.weight = w
+    return screen if screen.usable else None
+
+
+def row_sums(w):
+    """Each row's sum of its bytes read as 64-bit integers (wrapping): any change to one element of a row changes it.
+    The fingerprint by which a kept OutputScreen is checked against the weights (~1.5 ms for flan-t5-small's); the
+    version counter would not do: inference tensors have none, and fused optimizers do not bump it."""
+    return w.detach().view(torch.int64).sum(1)
+
+
+class OutputScreen:
+    """argmax(process(x @ W.T)) for greedy decoding, where W is the output layer's weight (vocab, K) and `process`
+    applies transformers' greedy logits processors, each of which masks tokens or maps every score through a
+    nondecreasing function (repetition penalty). The result is the full output layer's token, but W is read as int8:
+
+    W_i = s_i q_i + e_i (int8 q_i, per-token scale s_i) and x = x_hat + e_x, where x_hat is r q_x (int8 q_x, per-row
+    scale r) but for a few outlying entries, which it keeps in float32. The exact integer product q_x . q_i
+    (torch._int_mm) plus the outlying entries' products give approx_i = s_i x_hat . q_i, and by Cauchy-Schwarz
+        |x . W_i - approx_i| = |x . e_i + s_i e_x . q_i| <= ||x|| ||e_i|| + ||e_x|| ||s_i q_i||,
+    plus floating-point rounding (at most K * 2^-22 + 1e-6 of ||x|| ||W_i|| here, in any summation order; Higham,
+    "Accuracy and Stability of Numerical Algorithms", ch. 3). With that bound b_i, every processed score lies in
+    [f(approx_i - b_i), f(approx_i + b_i)], so the best token is among those whose upper end reaches the largest lower
+    end: only they get logits from W in full precision (a few tokens per row for flan-t5's vocabulary). Non-finite
+    inputs, or too many candidates, take the full output layer."""
+
+    def __init__(self, weight):
+        w = weight.detach()
+        self.weight, self.sums = weight, row_sums(w)
+        amax = w.abs().amax(1)
+        self.usable = bool(torch.isfinite(amax).all())
+        self.scale = torch.where(amax > 0, amax / 127, 1.0).float()  # s_i, (vocab,)
+        q = torch.round(w / self.scale[:, None].to(w.dtype)).clamp_(-127, 127)
+        e = torch.addcmul(w, self.scale[:, None].to(w.dtype), q, value=-1)  # e_i, up to rounding (bounded below)
+        u = 2.0 ** -24
+        w_norm = torch.linalg.vector_norm(w, dim=1, dtype=torch.float64)
+        e_norm = (torch.linalg.vector_norm(e, dim=1, dtype=torch.float64) + u * w_norm) * (1 + 3 * u)
+        # per token: ||e_i|| and ||W_i|| + ||e_i|| (>= ||s_i q_i||), rounded up to float32
+        self.norms = (torch.stack([e_norm, w_norm + e_norm]) * (1 + 2.0 ** -20)).float()  # (2, vocab)
+        self.q_t = q.to(torch.int8).t()  # (K, vocab): the layout _int_mm reads fastest for one row
+        self.rounding = w.shape[1] * 2.0 ** -22 + 1e-6
+
+    def argmax(self, x, process):
+        """The greedy tokens (M,) for the output layer's inputs x (M, K)."""
+        candidates = self.candidates(x, process)
+        if candidates is None:
+            return argmax(process(F.linear(x, self.weight).float()))
+        logits = torch.full((x.shape[0], self.weight.shape[0]), float("-inf"), dtype=torch.float32, device=x.device)
+        logits[:, candidates] = F.linear(x, self.weight[candidates]).float()
+        return argmax(process(logits))
+
+    def candidates(self, x, process):
+        """The tokens (ascending) that may be some row's greedy choice, or None: take the full output layer."""
+        xa = x.abs()
+        if not bool(torch.isfinite(xa.amax()).all()) or not int_mm_exact(x.shape[0], x.shape[1]):
+            return None
+        # Entries beyond 8x their row's median magnitude (outlying channels, as T5's hidden states have) are
+        # multiplied in float32 with q, so that they do not set the int8 scale of the others.
+        out = (xa > 8 * xa.median(1, keepdim=True).values).any(0).nonzero().squeeze(1)
+        if out.numel() > x.shape[1] // 8:
+            out = out[:0]
+        rest = x.index_fill(1, out, 0) if out.numel() else x
+        r = rest.abs().amax(1, keepdim=True) / 127
+        r = torch.where(r > 0, r, 1.0).float()  # (M, 1)
+        q_x = torch.round(rest / r.to(x.dtype)).clamp_(-127, 127)
+        # x_hat = what the approximation multiplies: r q_x, and the outlying entries rounded to float32
+        x_out = x[:, out].float()
+        x_hat = (r.double() * q_x.double()).index_copy_(1, out, x_out.double())
+        e_x = torch.linalg.vector_norm(x.double() - x_hat, dim=1)
+        a = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) + e_x  # >= ||x_hat|| and ||x||
+        # (M, 2) @ (2, vocab): the bound b, a little above the rounding of the sums that use it
+        b = (torch.stack([a, e_x + self.rounding * a], 1) * (1 + 1e-5)).float() @ self.norms
+        approx = torch._int_mm(q_x.to(torch.int8), self.q_t).float().mul_(r)  # (M, vocab), / s_i
+        if out.numel():
+            approx += x_out @ self.q_t[out].float()
+        approx.mul_(self.scale)
+        lower = process(approx - b).amax(1, keepdim=True)
+        candidates = (process(approx + b) >= lower).any(0).nonzero().squeeze(1)
+        return None if candidates.numel() > SCREEN_MAX * approx.shape[1] else candidates
+
+
+_INT_MM_EXACT: dict[tuple[int, int], bool] = {}
+
+
+def int_mm_exact(rows: int, k: int) -> bool:
+    """Whether torch._int_mm sums int8 products exactly here for `rows` x k inputs, extremes included (a kernel that
+    adds pairs of products in saturating int16 would not). Checked once per shape."""
+    if (rows, k) not in _INT_MM_EXACT:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randint(-127, 128, (rows, k), dtype=torch.int8, generator=gen)
+        b = torch.randint(-127, 128, (256, k), dtype=torch.int8, generator=gen)
+        a[0], a[-1, ::2], b[:64], b[64:128] = 127, -127, 127, -127
+        exact = a.double() @ b.double().t()  # exact: |sums| < 2^53
+        _INT_MM_EXACT[rows, k] = torch.equal(torch._int_mm(a, b.t()).double(), exact)
+    return _INT_MM_EXACT[rows, k]
+
+
 def trim(rows, eos: int):
     """Cut the columns decoded after every row had ended (see CHECK_EVERY): transformers stops at that step."""
     ended = rows[:, 1:] == eos
@@ -241,25 +365,28 @@ def trim(rows, eos: int):
     return rows[:, :int(ended.float().argmax(1).max()) + 2]
 
 
-def token_steps(step, N: int, cfg, g: GenerationConfig, rng, device, every: int = 1, want_scores: bool = False):
+def token_steps(step, N: int, cfg, g: GenerationConfig, rng, device, every: int = 1, want_scores: bool = False,
+                screen: OutputScreen | None = None):
     """Greedy decoding or sampling, one token per row per step. Yields (rows so far, scores so far: None unless
     want_scores) after the start token and after every step; rows that ended get padding. Checks for the end every
-    `every` steps."""
+    `every` steps. screen: greedy decoding through an OutputScreen; step returns the output layer's inputs."""
     tokens = torch.full((N, g.new_tokens + 1), cfg.pad_token_id, dtype=torch.long, device=device)
     tokens[:, 0] = cfg.decoder_start_token_id
     done = torch.zeros(N, dtype=torch.bool, device=device)
     total = torch.zeros(N, device=device) if want_scores else None
     yield tokens[:, :1], total
     for t in range(g.new_tokens):
-        logits = step(tokens[:, t], t)
-        scores = process_scores(logits, tokens[:, :t + 1], t, g, cfg.eos_token_id, min_keep=1)
-        if g.do_sample:
-            next_token = torch.multinomial(F.softmax(scores, dim=-1), 1, generator=rng).squeeze(1)
+        out = step(tokens[:, t], t)  # logits, or the output layer's inputs for the screen
+        process = partial(process_scores, tokens=tokens[:, :t + 1], t=t, g=g, eos=cfg.eos_token_id, min_keep=1)
+        if screen is not None:
+            next_token = screen.argmax(out, process)
+        elif g.do_sample:
+            next_token = torch.multinomial(F.softmax(process(out), dim=-1), 1, generator=rng).squeeze(1)
         else:
-            next_token = argmax(scores)
+            next_token = argmax(process(out))
         next_token = next_token.masked_fill(done, cfg.pad_token_id)
         if want_scores:
-            token_logp = F.log_softmax(logits, dim=-1).gather(1, next_token[:, None]).squeeze(1)
+            token_logp = F.log_softmax(out, dim=-1).gather(1, next_token[:, None]).squeeze(1)
             total = total + token_logp.masked_fill(done, 0.0)
         tokens[:, t + 1] = next_token
         done |= next_token == cfg.eos_token_id

@@ -1,0 +1,143 @@
+"""Greedy decoding's int8 screen of the output layer (generate.OutputScreen): the full output layer's tokens."""
+
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nanoflant5.generate as G
+from helpers import random_batch
+from nanoflant5.config import GenerationConfig
+from nanoflant5.load import load_model
+
+LENGTHS = [7, 3, 12, 5, 20, 9]
+pytestmark = pytest.mark.skipif(not G.SCREEN, reason="torch without torch._int_mm")
+
+
+def full_argmax(x, w, process):
+    return G.argmax(process(F.linear(x, w).float()))
+
+
+def processors(M, vocab, t=6):
+    """Greedy's processors as generate runs them: none; minimum length; repetition penalty and n-gram blocking."""
+    tokens = torch.randint(2, vocab, (M, t + 1), generator=torch.Generator().manual_seed(t))
+    tokens[:, t - 1] = tokens[:, 0]  # an n-gram that would repeat
+    for g in [GenerationConfig(), GenerationConfig(min_new_tokens=t + 1),
+              GenerationConfig(repetition_penalty=1.7, no_repeat_ngram_size=2)]:
+        yield partial(G.process_scores, tokens=tokens, t=t, g=g, eos=1, min_keep=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_screen_picks_the_full_layers_token(dtype):
+    """Random layers and inputs, including near-ties the int8 products cannot separate (tokens whose weights differ
+    by ~1e-6), outlying input entries and an input of zeros: the screened token is the full layer's, and (but for
+    the zeros, where every token ties) only a handful of tokens per row get full-precision logits."""
+    gen = torch.Generator().manual_seed(0)
+    vocab, K = 4000, 128
+    w = (torch.randn(vocab, K, generator=gen) * 0.05).to(dtype)
+    w[1::2] = w[0::2] + 1e-6 * torch.randn(vocab // 2, K, generator=gen, dtype=dtype)  # pairs of near-twins
+    w[7] *= 100  # a token with a large scale
+    screen = G.OutputScreen(w)
+    for M in (1, 3, 8, 2):
+        x = torch.randn(M, K, generator=gen, dtype=dtype)
+        if M == 3:
+            x[:, 5], x[2, 9] = 30.0, -40.0  # outlying entries
+        if M == 2:
+            x[1] = 0  # every token ties: all are candidates, so the full layer runs
+        for process in processors(M, vocab):
+            want = full_argmax(x, w, process)
+            assert torch.equal(screen.argmax(x, process), want), (M, dtype)
+            candidates = screen.candidates(x, process)
+            if M != 2:
+                assert candidates is not None and set(want.tolist()) <= set(candidates.tolist())
+                assert len({c // 2 for c in candidates.tolist()}) <= 3 * M + 3  # near-twins come in pairs
+
+
+def test_screen_falls_back_where_it_must(monkeypatch):
+    """Non-finite inputs and weights take the full layer; so does an int8 product that is not exact (as with a
+    kernel that saturates pairs of products in int16)."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(512, 64, generator=gen)
+    screen = G.OutputScreen(w)
+    x = torch.randn(2, 64, generator=gen)
+    x[1, 3] = float("nan")
+    assert screen.candidates(x, lambda s: s) is None
+    assert torch.equal(screen.argmax(x, lambda s: s), full_argmax(x, w, lambda s: s))
+    w_inf = w.clone()
+    w_inf[3, 3] = float("inf")
+    assert not G.OutputScreen(w_inf).usable
+
+    def saturating(a, b):  # a + 128 (uint8) times b, pairs of products added into int16 with saturation
+        pairs = ((a[:, None, :].int() + 128) * b.t()[None].int()).view(a.shape[0], b.shape[1], -1, 2).sum(-1)
+        return (pairs.clamp(-2 ** 15, 2 ** 15 - 1).sum(-1) - 128 * b.int().sum(0)).int()
+
+    monkeypatch.setattr(G, "_INT_MM_EXACT", {})
+    monkeypatch.setattr(torch, "_int_mm", saturating)
+    assert not G.int_mm_exact(2, 64)
+    assert screen.candidates(x[:1].expand(2, -1).contiguous(), lambda s: s) is None
+
+
+def test_greedy_through_the_screen_matches_transformers(checkpoint, monkeypatch):
+    """Greedy generation and streaming, with processors, through the screen (checked to run and to screen) give
+    transformers' rows in float64, and the full output layer's rows in float32."""
+    folder, ref = checkpoint("gated-gelu-untied")
+    ids, mask = random_batch(96, LENGTHS, seed=12)
+    seen = []
+    candidates = G.OutputScreen.candidates
+    monkeypatch.setattr(G.OutputScreen, "candidates", lambda *a: seen.append(candidates(*a)) or seen[-1])
+    for dtype in (torch.float64, torch.float32):
+        model = load_model(folder, dtype=dtype)
+        for kw in [dict(max_new_tokens=24), dict(max_new_tokens=20, min_new_tokens=8, repetition_penalty=1.5),
+                   dict(max_new_tokens=20, no_repeat_ngram_size=2)]:
+            seen.clear()
+            got = model.generate(ids, mask, **kw)
+            streamed = torch.stack(list(model.stream(ids, mask, **kw)), 1)
+            screened = [c for c in seen if c is not None]
+            assert len(screened) >= len(seen) // 2 > 0 and max(map(len, screened)) < 96 * G.SCREEN_MAX
+            with torch.no_grad():
+                want = ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, **kw)
+            monkeypatch.setattr(G, "SCREEN", False)
+            full = model.generate(ids, mask, **kw)
+            monkeypatch.setattr(G, "SCREEN", True)
+            assert torch.equal(got, full), (dtype, kw)
+            assert torch.equal(streamed, got[:, 1:streamed.shape[1] + 1]), (dtype, kw)
+            if dtype == torch.float64:
+                assert torch.equal(got, want), kw
+
+
+def test_screen_follows_the_weights(checkpoint, monkeypatch):
+    """A kept screen is remade when the output layer changes in place: a fused AdamW step (which does not bump the
+    version counter), rows swapped, one element changed; the rows stay those of the full layer."""
+    from contextlib import nullcontext
+
+    from nanoflant5.train import TrainArgs, loss_sum, make_optimizer
+
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = load_model(folder, dtype=torch.float64)
+    ids, mask = random_batch(96, LENGTHS, seed=13)
+
+    def check():
+        got = model.generate(ids, mask, max_new_tokens=20)
+        monkeypatch.setattr(G, "SCREEN", False)
+        full = model.generate(ids, mask, max_new_tokens=20)
+        monkeypatch.setattr(G, "SCREEN", True)
+        assert torch.equal(got, full)
+        return got
+
+    before = check()
+    screen = G._SCREENS[model.lm_head]
+    assert check() is not None and G._SCREENS[model.lm_head] is screen  # kept while unchanged
+    optimizer = make_optimizer(model, TrainArgs(model="", data="", output="", lr=3e-2))
+    model.train()
+    loss_sum(model, ids, mask, ids, nullcontext()).backward()
+    optimizer.step()
+    model.eval()
+    assert not torch.equal(check(), before)
+    w = model.lm_head.weight
+    with torch.no_grad():
+        for change in (lambda: w.copy_(w[torch.randperm(w.shape[0])]), lambda: w[5, 7].add_(3.0)):
+            screen = G._SCREENS[model.lm_head]
+            change()
+            check()
+            assert G._SCREENS[model.lm_head] is not screen
