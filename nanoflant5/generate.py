@@ -17,6 +17,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+
 from .config import GenerationConfig
 from .model import T5, KVCache, padding_mask
 
@@ -95,7 +98,7 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
     search transformers' sequence score (sum of processed log-probabilities / length**length_penalty), otherwise
     the sum of the model's log-probabilities of the generated tokens (</s> included). compile=True runs the decoding
     step through torch.compile (compiled_step): the first call of each kind compiles (15-40 s on CPU for
-    flan-t5-small), later ones decode faster (measured on CPU: 1.02-1.24x, see the README)."""
+    flan-t5-small), later ones decode faster (measured on CPU: 1.02-1.2x, see the README)."""
     g, attention_mask, rng = prepare(model, input_ids, attention_mask, seed, generator, kwargs)
     encoded = model.encode(input_ids, attention_mask)
     B = input_ids.shape[0]
@@ -251,24 +254,31 @@ _SCREENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lm_head -> 
 
 def output_screen(model: T5, steps: int):
     """The OutputScreen of the model's output layer for greedy decoding on CPU in float32 or float64 (16 or more
-    steps), else None. It is made on first use and kept while the weights stay the same (row_sums)."""
+    steps; a plain bias-free nn.Linear without hooks), else None. It is made on first use and kept while the weights
+    keep their fingerprint."""
     lm_head = model.lm_head
     w = lm_head.weight
-    if (not SCREEN or steps < SCREEN_MIN_STEPS or w.device.type != "cpu" or not w.is_contiguous() or w.shape[1] % 2
-            or w.dtype not in (torch.float32, torch.float64) or torch.is_autocast_enabled("cpu")):
+    if (not SCREEN or steps < SCREEN_MIN_STEPS or type(lm_head) is not nn.Linear or lm_head.bias is not None
+            or lm_head._forward_hooks or lm_head._forward_pre_hooks or "forward" in lm_head.__dict__
+            or _global_forward_hooks or _global_forward_pre_hooks or w.device.type != "cpu"
+            or w.dtype not in (torch.float32, torch.float64) or not w.is_contiguous()
+            or (w.shape[1] * w.element_size()) % 8 or (w.storage_offset() * w.element_size()) % 8
+            or torch.is_autocast_enabled("cpu")):
         return None
     screen = _SCREENS.get(lm_head)
-    if screen is None or screen.q_t.shape != w.shape[::-1] or not torch.equal(row_sums(w), screen.sums):
+    if screen is None or screen.q_t.shape != w.shape[::-1] or not screen.fingerprint_matches(w):
         screen = _SCREENS[lm_head] = OutputScreen(w)
     screen.weight = w
     return screen if screen.usable else None
 
 
-def row_sums(w):
-    """Each row's sum of its bytes read as 64-bit integers (wrapping): any change to one element of a row changes it.
-    The fingerprint by which a kept OutputScreen is checked against the weights (~1.5 ms for flan-t5-small's); the
-    version counter would not do: inference tensors have none, and fused optimizers do not bump it."""
-    return w.detach().view(torch.int64).sum(1)
+def fingerprint(w, probe):
+    """Each row's sum of its bytes read as 64-bit integers (wrapping: any change to one element changes it) and its
+    product with a fixed random vector (a permutation within the row changes that). How a kept OutputScreen is
+    checked against the weights (~3 ms for flan-t5-small's): version counters would not do, as inference tensors
+    have none and fused optimizers do not bump them."""
+    w = w.detach()
+    return w.view(torch.int64).sum(1), w @ probe
 
 
 class OutputScreen:
@@ -283,15 +293,17 @@ class OutputScreen:
     plus floating-point rounding (at most K * 2^-22 + 1e-6 of ||x|| ||W_i|| here, in any summation order; Higham,
     "Accuracy and Stability of Numerical Algorithms", ch. 3). With that bound b_i, every processed score lies in
     [f(approx_i - b_i), f(approx_i + b_i)], so the best token is among those whose upper end reaches the largest lower
-    end: only they get logits from W in full precision (a few tokens per row for flan-t5's vocabulary). Non-finite
+    end: only they get logits from W in full precision (~20 of flan-t5's 32128 tokens per row, measured). Non-finite
     inputs, or too many candidates, take the full output layer."""
 
     def __init__(self, weight):
         w = weight.detach()
-        self.weight, self.sums = weight, row_sums(w)
+        self.weight = weight
+        self.probe = torch.randn(w.shape[1], generator=torch.Generator().manual_seed(0), dtype=w.dtype)
+        self.fingerprint = fingerprint(w, self.probe)
         amax = w.abs().amax(1)
         self.usable = bool(torch.isfinite(amax).all())
-        self.scale = torch.where(amax > 0, amax / 127, 1.0).float()  # s_i, (vocab,)
+        self.scale = normal_or_one((amax / 127).float())  # s_i, (vocab,)
         q = torch.round(w / self.scale[:, None].to(w.dtype)).clamp_(-127, 127)
         e = torch.addcmul(w, self.scale[:, None].to(w.dtype), q, value=-1)  # e_i, up to rounding (bounded below)
         u = 2.0 ** -24
@@ -301,6 +313,9 @@ class OutputScreen:
         self.norms = (torch.stack([e_norm, w_norm + e_norm]) * (1 + 2.0 ** -20)).float()  # (2, vocab)
         self.q_t = q.to(torch.int8).t()  # (K, vocab): the layout _int_mm reads fastest for one row
         self.rounding = w.shape[1] * 2.0 ** -22 + 1e-6
+
+    def fingerprint_matches(self, weight) -> bool:
+        return all(torch.equal(a, b) for a, b in zip(fingerprint(weight, self.probe), self.fingerprint))
 
     def argmax(self, x, process):
         """The greedy tokens (M,) for the output layer's inputs x (M, K)."""
@@ -313,8 +328,21 @@ class OutputScreen:
 
     def candidates(self, x, process):
         """The tokens (ascending) that may be some row's greedy choice, or None: take the full output layer."""
+        bounds = self.bounds(x)
+        if bounds is None:
+            return None
+        approx, b = bounds
+        lower = process(approx - b).amax(1, keepdim=True)
+        candidates = (process(approx + b) >= lower).any(0).nonzero().squeeze(1)
+        if candidates.numel() > SCREEN_MAX * approx.shape[1] or not candidates.numel():  # (empty: NaN somewhere)
+            return None
+        return candidates
+
+    def bounds(self, x):
+        """(approx, b), each (M, vocab): every token's approximate logit and a bound on its distance from the logit
+        in float; None where the full output layer must run."""
         xa = x.abs()
-        if not bool(torch.isfinite(xa.amax()).all()) or not int_mm_exact(x.shape[0], x.shape[1]):
+        if not bool(torch.isfinite(xa.amax()).all()) or not int_mm_exact(x.shape[0], x.shape[1], self.q_t.shape[1]):
             return None
         # Entries beyond 8x their row's median magnitude (outlying channels, as T5's hidden states have) are
         # multiplied in float32 with q, so that they do not set the int8 scale of the others.
@@ -322,8 +350,10 @@ class OutputScreen:
         if out.numel() > x.shape[1] // 8:
             out = out[:0]
         rest = x.index_fill(1, out, 0) if out.numel() else x
-        r = rest.abs().amax(1, keepdim=True) / 127
-        r = torch.where(r > 0, r, 1.0).float()  # (M, 1)
+        r = (rest.abs().amax(1, keepdim=True) / 127).float()
+        if not bool(torch.isfinite(r).all()):
+            return None
+        r = normal_or_one(r)  # (M, 1)
         q_x = torch.round(rest / r.to(x.dtype)).clamp_(-127, 127)
         # x_hat = what the approximation multiplies: r q_x, and the outlying entries rounded to float32
         x_out = x[:, out].float()
@@ -331,30 +361,36 @@ class OutputScreen:
         e_x = torch.linalg.vector_norm(x.double() - x_hat, dim=1)
         a = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) + e_x  # >= ||x_hat|| and ||x||
         # (M, 2) @ (2, vocab): the bound b, a little above the rounding of the sums that use it
-        b = (torch.stack([a, e_x + self.rounding * a], 1) * (1 + 1e-5)).float() @ self.norms
+        # (plus 2^-120: rounding in float32's subnormal range is absolute, at most 2^-150 an operation)
+        b = ((torch.stack([a, e_x + self.rounding * a], 1) * (1 + 1e-5)).float() @ self.norms).add_(2.0 ** -120)
         approx = torch._int_mm(q_x.to(torch.int8), self.q_t).float().mul_(r)  # (M, vocab), / s_i
         if out.numel():
             approx += x_out @ self.q_t[out].float()
-        approx.mul_(self.scale)
-        lower = process(approx - b).amax(1, keepdim=True)
-        candidates = (process(approx + b) >= lower).any(0).nonzero().squeeze(1)
-        return None if candidates.numel() > SCREEN_MAX * approx.shape[1] else candidates
+        return approx.mul_(self.scale), b
 
 
-_INT_MM_EXACT: dict[tuple[int, int], bool] = {}
+def normal_or_one(scale):
+    """Scales that are normal float32 numbers, 1 in place of others (0 or subnormal: the int8 part is then 0, and the
+    whole value counts as error), so that products with them round relatively."""
+    return torch.where(scale >= torch.finfo(torch.float32).tiny, scale, 1.0)
 
 
-def int_mm_exact(rows: int, k: int) -> bool:
-    """Whether torch._int_mm sums int8 products exactly here for `rows` x k inputs, extremes included (a kernel that
-    adds pairs of products in saturating int16 would not). Checked once per shape."""
-    if (rows, k) not in _INT_MM_EXACT:
+_INT_MM_EXACT: dict[tuple[int, int, int], bool] = {}
+
+
+def int_mm_exact(rows: int, k: int, n: int) -> bool:
+    """Whether torch._int_mm sums int8 products exactly here for (rows, k) x (k, n) inputs, extremes included (a
+    kernel that adds pairs of products in saturating int16 would not). Checked once per shape."""
+    if (rows, k, n) not in _INT_MM_EXACT:
         gen = torch.Generator().manual_seed(0)
         a = torch.randint(-127, 128, (rows, k), dtype=torch.int8, generator=gen)
-        b = torch.randint(-127, 128, (256, k), dtype=torch.int8, generator=gen)
-        a[0], a[-1, ::2], b[:64], b[64:128] = 127, -127, 127, -127
-        exact = a.double() @ b.double().t()  # exact: |sums| < 2^53
-        _INT_MM_EXACT[rows, k] = torch.equal(torch._int_mm(a, b.t()).double(), exact)
-    return _INT_MM_EXACT[rows, k]
+        block = torch.randint(-127, 128, (64, k), dtype=torch.int8, generator=gen)
+        a[0], a[-1, ::2], block[:16], block[16:32] = 127, -127, 127, -127
+        reps = -(-n // 64)
+        exact = (a.double() @ block.double().t()).repeat(1, reps)[:, :n]  # exact: |sums| < 2^53
+        b = block.repeat(reps, 1)[:n]  # (n, k): the block over and over
+        _INT_MM_EXACT[rows, k, n] = torch.equal(torch._int_mm(a, b.t()).double(), exact)
+    return _INT_MM_EXACT[rows, k, n]
 
 
 def trim(rows, eos: int):
