@@ -98,7 +98,7 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
     search transformers' sequence score (sum of processed log-probabilities / length**length_penalty), otherwise
     the sum of the model's log-probabilities of the generated tokens (</s> included). compile=True runs the decoding
     step through torch.compile (compiled_step): the first call of each kind compiles (15-40 s on CPU for
-    flan-t5-small), later ones decode faster (measured on CPU: 1.02-1.2x, see the README)."""
+    flan-t5-small), later ones decode faster (measured on CPU: 1.01-1.24x, see the README)."""
     g, attention_mask, rng = prepare(model, input_ids, attention_mask, seed, generator, kwargs)
     encoded = model.encode(input_ids, attention_mask)
     B = input_ids.shape[0]
