@@ -165,9 +165,7 @@ def decoder_steps(model: T5, encoded, attention_mask, copies: int, max_len: int,
     def step(tokens, pos: int):
         x = model.shared(tokens[:, None])  # (N, 1, d_model)
         hidden = model.decoder(x, bias[:, :, pos:pos + 1, :pos + 1], cross_kv, cross_mask, cache, pos)[:, -1]
-        if features:
-            return hidden * model.config.d_model ** -0.5 if model.config.scale_decoder_outputs else hidden
-        return model.logits(hidden).float()
+        return model.head_inputs(hidden) if features else model.logits(hidden).float()
 
     return (compiled_step(step, encoded.device) if compile else step), cache
 
@@ -349,8 +347,8 @@ class OutputScreen:
         out = (xa > 8 * xa.median(1, keepdim=True).values).any(0).nonzero().squeeze(1)
         if out.numel() > x.shape[1] // 8:
             out = out[:0]
-        rest = x.index_fill(1, out, 0) if out.numel() else x
-        r = (rest.abs().amax(1, keepdim=True) / 127).float()
+        rest, rest_abs = (x.index_fill(1, out, 0), xa.index_fill(1, out, 0)) if out.numel() else (x, xa)
+        r = (rest_abs.amax(1, keepdim=True) / 127).float()
         if not bool(torch.isfinite(r).all()):
             return None
         r = normal_or_one(r)  # (M, 1)

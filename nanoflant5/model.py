@@ -382,10 +382,14 @@ class T5(nn.Module):
     def encode(self, input_ids, attention_mask=None):
         return self.encoder(self.shared(input_ids), attention_mask)
 
-    def logits(self, hidden):
+    def head_inputs(self, hidden):
+        """What the output layer multiplies: the decoder's output, rescaled for the original T5's tied embeddings."""
         if self.config.scale_decoder_outputs:  # original T5 with tied embeddings (Mesh TensorFlow)
-            hidden = hidden * self.config.d_model ** -0.5
-        return self.lm_head(hidden)
+            return hidden * self.config.d_model ** -0.5
+        return hidden
+
+    def logits(self, hidden):
+        return self.lm_head(self.head_inputs(hidden))
 
     def decode(self, decoder_input_ids, encoded, attention_mask=None):
         """Teacher-forced decoder pass over whole sequences: logits (B, T, vocab)."""
