@@ -119,9 +119,14 @@ class FlexBias:
 def attention(q, k, v, bias, dropout: float):
     """Scaled dot-product attention without the 1/sqrt(d) scaling: T5 folds it into the initialisation of the query
     projection (Mesh TensorFlow). `bias` is a float mask (relative position bias plus -inf-like masks) for SDPA, or
-    a FlexBias."""
+    a FlexBias. Inside a compiled decoding step (one query) it is written out as matmul, softmax (in float32 or
+    wider, as transformers does), matmul: inductor fuses that with the bias and with beam search's gather of the
+    cache (measured on CPU: 1.05-1.15x faster steps than calling SDPA from the graph)."""
     if isinstance(bias, FlexBias):
         return bias(q, k, v)
+    if torch.compiler.is_compiling() and q.shape[2] == 1 and bias is not None and not dropout:
+        scores = torch.matmul(q, k.transpose(-1, -2)) + bias  # (B, H, 1, S)
+        return torch.matmul(scores.softmax(-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(v.dtype), v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=1.0)
 
 
@@ -132,15 +137,19 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.inner_dim, bias=False)  # q, k and v fused
         self.o = nn.Linear(config.inner_dim, config.d_model, bias=False)
 
-    def forward(self, x, bias, cache=None, pos: int = 0):
-        """cache: this layer's buffer (max_len, 2, B, H, D) in the decoder's KVCache; the new keys and values are
-        written at positions pos..pos+T-1 and attention reads positions 0..pos+T-1."""
+    def forward(self, x, bias, cache=None, pos: int = 0, index=None):
+        """cache: this layer's buffer (max_len, B, 2, H, D) in the decoder's KVCache; the new keys and values are
+        written at positions pos..pos+T-1 and attention reads positions 0..pos+T-1. index: the KVCache's index
+        (beam search), where each row's earlier keys and values lie in the buffer."""
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.d_kv)
         if cache is not None:
-            cache[pos:pos + T] = qkv[:, :, 1:].permute(1, 2, 0, 3, 4)  # (T, 2, B, H, D)
+            cache[pos:pos + T] = qkv[:, :, 1:].transpose(0, 1)  # (T, B, 2, H, D)
             q = qkv[:, :, 0].transpose(1, 2)  # (B, H, T, D)
-            k, v = cache[:pos + T].permute(1, 2, 3, 0, 4)  # 2 x (B, H, pos+T, D), strided views of the cache
+            kv = cache[:pos + T]
+            if index is not None:  # gather each row's own history
+                kv = kv.flatten(0, 1).index_select(0, index[:pos + T].flatten()).view(kv.shape)
+            k, v = kv.permute(2, 1, 3, 0, 4)  # 2 x (B, H, pos+T, D), strided views
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
         y = attention(q, k, v, bias, self.dropout if self.training else 0.0)  # (B, H, T, D)
@@ -222,8 +231,8 @@ class DecoderBlock(nn.Module):
         self.ffn_norm, self.ffn = RMSNorm(config.d_model, eps), FeedForward(config)
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, x, bias, memory, cross_mask, cache=None, pos: int = 0):
-        x = x + self.dropout(self.attn(self.attn_norm(x), bias, cache, pos))
+    def forward(self, x, bias, memory, cross_mask, cache=None, pos: int = 0, index=None):
+        x = x + self.dropout(self.attn(self.attn_norm(x), bias, cache, pos, index))
         x = x + self.dropout(self.cross(self.cross_norm(x), memory, cross_mask))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
 
@@ -300,30 +309,34 @@ class Decoder(nn.Module):
         cache: a KVCache (generation) or None (teacher forcing)."""
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
+            layer_cache, index = (None, None) if cache is None else (cache.kv[i], cache.index)
             x = run_block(block, self.checkpointing, x, bias, memory if torch.is_tensor(memory) else memory[i],
-                          cross_mask, None if cache is None else cache.kv[i], pos)
+                          cross_mask, layer_cache, pos, index)
         return self.dropout(self.final_norm(x))
 
 
 class KVCache:
     """The decoder's self-attention keys and values, preallocated for the whole generation: per layer one buffer
-    (max_len, 2, batch, heads, d_kv), written in place at each step. Position-major, so the positions in use are
-    one contiguous block and beam search reorders rows with block copies (attention takes the strided
-    (B, H, T, D) view as it is)."""
+    (max_len, batch, 2, heads, d_kv), written in place at each step (row i at slot (position, i)). Position-major, so
+    the positions in use are one contiguous block, and attention takes the strided (B, H, T, D) view as it is.
+
+    Beam search moves no keys or values: a row that continues another row's beam must attend to that row's history,
+    so `index` (max_len, batch) records for each position and row the slot that holds it (flattened over
+    (position, row)), and attention gathers the rows through it. Compiled, the gather fuses into attention; eager,
+    it is one block copy per layer and step, as a reorder of the cache would be."""
 
     def __init__(self, config: T5Config, batch: int, max_len: int, dtype, device):
-        shape = (max_len, 2, batch, config.num_heads, config.d_kv)
+        shape = (max_len, batch, 2, config.num_heads, config.d_kv)
         self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_decoder_layers)]
-        self.spare = None  # beam search: one more layer's buffer to copy into
+        self.index = None  # until the first reorder: every row's history is its own
 
-    def reorder(self, index, length: int):
-        """Beam search: row i of the batch continues row index[i]; only the first `length` positions are in use.
-        Each layer is gathered into the spare buffer, which then takes its place."""
-        if self.spare is None:
-            self.spare = torch.empty_like(self.kv[0])
-        for i, layer in enumerate(self.kv):
-            torch.index_select(layer[:length], 2, index, out=self.spare[:length])  # (length, 2, B, H, D)
-            self.kv[i], self.spare = self.spare, layer
+    def reorder(self, parents, length: int):
+        """Beam search: row i of the batch continues row parents[i]; only the first `length` positions are in use
+        (later ones are written by each row itself)."""
+        if self.index is None:
+            L, N = self.kv[0].shape[:2]
+            self.index = torch.arange(L * N, device=parents.device).view(L, N)
+        self.index[:length] = self.index[:length, parents]
 
 
 class T5(nn.Module):

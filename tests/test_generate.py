@@ -211,6 +211,24 @@ def test_compiled_step_matches_eager(checkpoint, monkeypatch):
     assert torch.equal(packed, model.generate(ids, mask, max_new_tokens=16, num_beams=3))
 
 
+def test_compiled_generation_matches_transformers(checkpoint):
+    """Compiled decoding steps write one query's attention out (matmul, softmax, matmul), fused with beam search's
+    gather of each row's history through KVCache.index: in float64 they give transformers' rows, greedy and beams."""
+    import warnings
+
+    folder, ref = checkpoint("gated-gelu-untied")
+    model = load_model(folder, dtype=torch.float64)
+    ids, mask = random_batch(96, LENGTHS, seed=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for kw in [dict(), dict(num_beams=4), dict(num_beams=4, length_penalty=0.0, num_return_sequences=2),
+                   dict(num_beams=2, early_stopping=True, min_new_tokens=5)]:
+            want = hf_generate(ref, ids, mask, max_new_tokens=20, **kw)
+            got = model.generate(ids, mask, compile=True, max_new_tokens=20, **kw)
+            assert torch.equal(got, want), kw
+    assert not [w for w in caught if "torch.compile failed" in str(w.message)]
+
+
 def test_compile_failure_falls_back_to_eager(checkpoint, monkeypatch):
     def broken(fn, **kw):
         def run(*a):
