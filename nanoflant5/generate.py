@@ -330,8 +330,12 @@ class OutputScreen:
         if bounds is None:
             return None
         approx, b = bounds
-        lower = process(approx - b).amax(1, keepdim=True)
-        candidates = (process(approx + b) >= lower).any(0).nonzero().squeeze(1)
+        # each row's largest lower end (the float32 minimum for a row where every token is masked: that row then
+        # adds no candidates, and gets token 0 from the -inf logits as from the full layer)
+        lower = process(approx - b).amax(1, keepdim=True).clamp_(min=torch.finfo(torch.float32).min)
+        # tokens whose upper end reaches it in some row (upper - lower >= 0 exactly when upper >= lower, as float
+        # subtraction of distinct numbers never rounds to 0; amax over rows is ~4x faster than any() of a compare)
+        candidates = (process(approx + b).sub_(lower).amax(0) >= 0).nonzero().squeeze(1)
         if candidates.numel() > SCREEN_MAX * approx.shape[1] or not candidates.numel():  # (empty: NaN somewhere)
             return None
         return candidates

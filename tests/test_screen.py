@@ -48,11 +48,15 @@ def test_screen_picks_the_full_layers_token(dtype):
         if M == 2:
             x[1] = 0  # every token ties: all are candidates, so the full layer runs
         top = full_argmax(x, w, lambda s: s)
-        for process in processors(top, vocab):
+        # every token of row 0 masked: the full layer gives it token 0 (the first of equal -inf logits)
+        masked_row = lambda s: s.index_fill(0, torch.tensor([0]), float("-inf"))  # noqa: E731
+        for process in [*processors(top, vocab), masked_row]:
             want = full_argmax(x, w, process)
             assert torch.equal(screen.argmax(x, process), want), (M, dtype)
             candidates = screen.candidates(x, process)
-            if M != 2:
+            if process is masked_row:
+                assert (candidates is None) == (M <= 2)  # M = 2: a row of zeros ties; else the others are screened
+            elif M != 2:
                 assert candidates is not None and set(want.tolist()) <= set(candidates.tolist())
                 assert len({c // 2 for c in candidates.tolist()}) <= 4 * M + 4  # near-twins come in pairs
 
