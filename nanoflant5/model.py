@@ -120,8 +120,9 @@ def attention(q, k, v, bias, dropout: float):
     """Scaled dot-product attention without the 1/sqrt(d) scaling: T5 folds it into the initialisation of the query
     projection (Mesh TensorFlow). `bias` is a float mask (relative position bias plus -inf-like masks) for SDPA, or
     a FlexBias. Inside a compiled decoding step (one query) it is written out as matmul, softmax (in float32 or
-    wider, as transformers does), matmul: inductor fuses that with the bias and with beam search's gather of the
-    cache (measured on CPU: 1.05-1.15x faster steps than calling SDPA from the graph)."""
+    wider, as transformers does), matmul, which inductor fuses with the bias and with beam search's gather of the
+    cache (KVCache). Measured on CPU against SDPA called from the graph, flan-t5-small: compiled greedy steps ~1.05x
+    faster, beam search steps (with the gather) 1.07-1.15x."""
     if isinstance(bias, FlexBias):
         return bias(q, k, v)
     if torch.compiler.is_compiling() and q.shape[2] == 1 and bias is not None and not dropout:
