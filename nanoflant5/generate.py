@@ -309,6 +309,7 @@ class OutputScreen:
         e_norm = (torch.linalg.vector_norm(e, dim=1, dtype=torch.float64) + u * w_norm) * (1 + 3 * u)
         # per token: ||e_i|| and ||W_i|| + ||e_i|| (>= ||s_i q_i||), rounded up to float32
         self.norms = (torch.stack([e_norm, w_norm + e_norm]) * (1 + 2.0 ** -20)).float()  # (2, vocab)
+        self.norm_max = float(self.norms[1].max())
         self.q_t = q.to(torch.int8).t()  # (K, vocab): the layout _int_mm reads fastest for one row
         self.rounding = w.shape[1] * 2.0 ** -22 + 1e-6
 
@@ -330,11 +331,13 @@ class OutputScreen:
         if bounds is None:
             return None
         approx, b = bounds
-        # each row's largest lower end (the float32 minimum for a row where every token is masked: that row then
-        # adds no candidates, and gets token 0 from the -inf logits as from the full layer)
-        lower = process(approx - b).amax(1, keepdim=True).clamp_(min=torch.finfo(torch.float32).min)
+        # each row's largest lower end, clamped to finite (the float32 minimum for a row where every token is masked:
+        # that row then adds no candidates, and gets token 0 from the -inf logits as from the full layer)
+        f32 = torch.finfo(torch.float32)
+        lower = process(approx - b).amax(1, keepdim=True).clamp_(f32.min, f32.max)
         # tokens whose upper end reaches it in some row (upper - lower >= 0 exactly when upper >= lower, as float
-        # subtraction of distinct numbers never rounds to 0; amax over rows is ~4x faster than any() of a compare)
+        # subtraction of distinct finite numbers never rounds to 0, and lower is finite, so no inf - inf; amax over
+        # rows is ~4x faster than any() of a compare)
         candidates = (process(approx + b).sub_(lower).amax(0) >= 0).nonzero().squeeze(1)
         if candidates.numel() > SCREEN_MAX * approx.shape[1] or not candidates.numel():  # (empty: NaN somewhere)
             return None
@@ -362,6 +365,8 @@ class OutputScreen:
         x_hat = (r.double() * q_x.double()).index_copy_(1, out, x_out.double())
         e_x = torch.linalg.vector_norm(x.double() - x_hat, dim=1)
         a = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) + e_x  # >= ||x_hat|| and ||x||
+        if not bool(a.max() * self.norm_max < 2.0 ** 125):  # else approx +- b could overflow float32
+            return None
         # (M, 2) @ (2, vocab): the bound b, a little above the rounding of the sums that use it
         # (plus 2^-120: rounding in float32's subnormal range is absolute, at most 2^-150 an operation)
         b = ((torch.stack([a, e_x + self.rounding * a], 1) * (1 + 1e-5)).float() @ self.norms).add_(2.0 ** -120)

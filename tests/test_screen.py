@@ -61,6 +61,19 @@ def test_screen_picks_the_full_layers_token(dtype):
                 assert len({c // 2 for c in candidates.tolist()}) <= 4 * M + 4  # near-twins come in pairs
 
 
+def test_screen_falls_back_where_logits_overflow():
+    """An input row whose logits go beyond float32 (a row of 1e35; the full layer gives +inf, and token 5's weights
+    win there): the full output layer runs, and the other row's token is unaffected."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 64, generator=gen)
+    w[5] = 1000.0
+    x = torch.randn(2, 64, generator=gen)
+    x[0], x[1] = -x[0].abs(), 1e35
+    screen = G.OutputScreen(w)
+    assert screen.bounds(x) is None
+    assert torch.equal(screen.argmax(x, lambda s: s), full_argmax(x, w, lambda s: s))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_screen_bound_holds_and_is_tight(dtype):
     """|logit - approx| <= b for every token, also for an input that makes Cauchy-Schwarz an equality: x along one
