@@ -104,7 +104,7 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
     B = input_ids.shape[0]
     # copies of each input: its beams, or the sequences sampled from it (transformers repeats the input)
     copies = g.num_beams if g.num_beams > 1 else g.num_return_sequences
-    screen = output_screen(model, g.new_tokens) if g.num_beams == 1 and not (g.do_sample or return_scores) else None
+    screen = None if return_scores else output_screen(model, g)
     with packed_weights(model, B * copies, g.new_tokens, output_layer=screen is None):
         step, cache = decoder_steps(model, encoded, attention_mask, copies, g.new_tokens + 1, compile,
                                     features=screen is not None)
@@ -129,7 +129,7 @@ def stream(model: T5, input_ids, attention_mask=None, *, seed=None, generator=No
     if g.num_beams != 1 or g.num_return_sequences != 1:
         raise ValueError("streaming supports greedy decoding and sampling with one sequence per input")
     encoded = model.encode(input_ids, attention_mask)
-    screen = None if g.do_sample else output_screen(model, g.new_tokens)
+    screen = output_screen(model, g)
     with packed_weights(model, input_ids.shape[0], g.new_tokens, output_layer=screen is None):
         step, _ = decoder_steps(model, encoded, attention_mask, 1, g.new_tokens + 1, compile, screen is not None)
         for rows, _ in token_steps(step, input_ids.shape[0], model.config, g, rng, input_ids.device, screen=screen):
@@ -250,13 +250,14 @@ SCREEN_MAX = 0.25  # more candidate tokens than this fraction of the vocabulary:
 _SCREENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lm_head -> its OutputScreen
 
 
-def output_screen(model: T5, steps: int):
-    """The OutputScreen of the model's output layer for greedy decoding on CPU in float32 or float64 (16 or more
-    steps; a plain bias-free nn.Linear without hooks), else None. It is made on first use and kept while the weights
-    keep their fingerprint."""
+def output_screen(model: T5, g: GenerationConfig):
+    """The OutputScreen of the model's output layer for greedy decoding (no beams, no sampling) on CPU in float32 or
+    float64 (16 or more steps; a plain bias-free nn.Linear without hooks), else None. It is made on first use and kept
+    while the weights keep their fingerprint."""
     lm_head = model.lm_head
     w = lm_head.weight
-    if (not SCREEN or steps < SCREEN_MIN_STEPS or type(lm_head) is not nn.Linear or lm_head.bias is not None
+    if (not SCREEN or g.num_beams > 1 or g.do_sample or g.new_tokens < SCREEN_MIN_STEPS
+            or type(lm_head) is not nn.Linear or lm_head.bias is not None
             or lm_head._forward_hooks or lm_head._forward_pre_hooks or "forward" in lm_head.__dict__
             or _global_forward_hooks or _global_forward_pre_hooks or w.device.type != "cpu"
             or w.dtype not in (torch.float32, torch.float64) or not w.is_contiguous()

@@ -201,15 +201,19 @@ def test_screen_only_for_a_plain_output_layer(checkpoint):
     folder, _ = checkpoint("gated-gelu-untied")
     model = load_model(folder, dtype=torch.float32)
     ids, mask = random_batch(96, LENGTHS, seed=14)
-    assert G.output_screen(model, 20) is not None and G.output_screen(model, 15) is None  # 16+ steps only
+    greedy = model.generation_config.update(max_new_tokens=20)
+    assert G.output_screen(model, greedy) is not None  # greedy of 16+ steps only:
+    for kw in [dict(max_new_tokens=15), dict(num_beams=2), dict(do_sample=True)]:
+        assert G.output_screen(model, greedy.update(**kw)) is None
     handle = model.lm_head.register_forward_hook(lambda m, i, out: out.index_fill(-1, torch.tensor([1]), -1e9))
-    assert G.output_screen(model, 20) is None
+    assert G.output_screen(model, greedy) is None
     assert not (model.generate(ids, mask, max_new_tokens=20)[:, 1:] == 1).any()  # the hook banned </s>
     handle.remove()
     w = model.lm_head.weight.detach()
     with torch.no_grad():
         model.lm_head.weight = torch.nn.Parameter(torch.cat([w.new_zeros(1), w.flatten()])[1:].view_as(w))
-    assert G.output_screen(model, 20) is None
+    assert G.output_screen(model, greedy) is None
     rows = model.generate(ids, mask, max_new_tokens=20)
     model.lm_head.weight = torch.nn.Parameter(w)  # the same values, aligned: the screen's rows
-    assert G.output_screen(model, 20) is not None and torch.equal(model.generate(ids, mask, max_new_tokens=20), rows)
+    assert G.output_screen(model, greedy) is not None
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=20), rows)
