@@ -34,6 +34,7 @@ CHECK_EVERY = {"cpu": 1, "default": 8}
 MKL_PACKING = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 PACK_ROWS = range(4, 65)  # rows per step where packing measured faster (benchmarks: flan-t5-small)
 PACK_MIN_STEPS = 16
+KEEP_BYTES = 2 ** 31  # compiled decoding keeps packed copies between calls up to this size (see packed_weights)
 
 
 def check_every(device) -> int:
@@ -105,7 +106,7 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
     # copies of each input: its beams, or the sequences sampled from it (transformers repeats the input)
     copies = g.num_beams if g.num_beams > 1 else g.num_return_sequences
     screen = None if return_scores else output_screen(model, g)
-    with packed_weights(model, B * copies, g.new_tokens, output_layer=screen is None):
+    with packed_weights(model, B * copies, g.new_tokens, output_layer=screen is None, keep=compile):
         step, cache = decoder_steps(model, encoded, attention_mask, copies, g.new_tokens + 1, compile,
                                     features=screen is not None)
         if g.num_beams == 1:
@@ -130,7 +131,7 @@ def stream(model: T5, input_ids, attention_mask=None, *, seed=None, generator=No
         raise ValueError("streaming supports greedy decoding and sampling with one sequence per input")
     encoded = model.encode(input_ids, attention_mask)
     screen = output_screen(model, g)
-    with packed_weights(model, input_ids.shape[0], g.new_tokens, output_layer=screen is None):
+    with packed_weights(model, input_ids.shape[0], g.new_tokens, output_layer=screen is None, keep=compile):
         step, _ = decoder_steps(model, encoded, attention_mask, 1, g.new_tokens + 1, compile, screen is not None)
         for rows, _ in token_steps(step, input_ids.shape[0], model.config, g, rng, input_ids.device, screen=screen):
             if rows.shape[1] > 1:
@@ -191,24 +192,28 @@ def compiled_step(step, device):
 
 
 @contextmanager
-def packed_weights(model: T5, rows: int, steps: int, output_layer: bool = True):
+def packed_weights(model: T5, rows: int, steps: int, output_layer: bool = True, keep: bool = False):
     """Inside the block, a decoding step's linear layers (self- and cross-attention, feed-forward, output layer) use
     copies of their weights prepacked for MKL's GEMM with `rows` rows, the number every step feeds, where that pays:
     CPU, float32, no autocast, 4-64 rows, 16 or more steps. For 4 to 64 rows the packed GEMM makes whole generations
     1.1-1.3x faster here (1-3 rows: no faster; 128: 1.01x), and packing, which costs about two steps, does not pay
-    for short generations. The copies (~1.35x those weights' memory) are made on entry and dropped on exit, so
-    weights changed between calls (training) never meet a stale copy. output_layer=False: not the output layer (greedy
-    decoding reads it through an OutputScreen)."""
+    for short generations. The copies (~1.35x those weights' memory) are made on entry and dropped on exit, unless
+    keep=True (compiled decoding, which keeps its graphs too) and they take at most KEEP_BYTES (flan-t5-base's: 0.67
+    GB): then they stay with the layers for the next call with the same row count, which uses them only if the
+    weights still have the fingerprints they had when packed, so weights changed between calls (training) never
+    meet a stale copy. Checking costs a quarter of packing; keeping made compiled beam search 1.05-1.15x faster.
+    output_layer=False: not the output layer (greedy decoding reads it through an OutputScreen)."""
     linears = [model.lm_head] * output_layer + [linear for b in model.decoder.blocks
                                  for linear in (b.attn.qkv, b.attn.o, b.cross.q, b.cross.o, b.ffn.wi, b.ffn.wo)]
     use = (MKL_PACKING and rows in PACK_ROWS and steps >= PACK_MIN_STEPS and not torch.is_autocast_enabled("cpu")
            and all(linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32 for linear in linears))
+    keep = keep and sum(linear.weight.nbytes for linear in linears) * 1.4 <= KEEP_BYTES
     packed = []  # (linear, key) of this block's copies
     try:
         for linear in linears if use else []:
             w = linear.weight
             key = (w.data_ptr(), w.shape)
-            _PACKED[key] = torch.ops.mkl._mkl_reorder_linear_weight(w, rows), rows
+            _PACKED[key] = pack(linear, rows, keep), rows
             packed.append((linear, key))
             forward = _FORWARDS.get(linear)
             if forward is None or forward.keywords["weight"] is not w:
@@ -221,12 +226,28 @@ def packed_weights(model: T5, rows: int, steps: int, output_layer: bool = True):
             linear.__dict__.pop("forward", None)  # back to nn.Linear.forward
 
 
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> (rows, its weight's fingerprint, copy)
+
+
+def pack(linear: nn.Linear, rows: int, keep: bool):
+    """The linear layer's weight packed for `rows` rows: its kept copy if that is still valid (see packed_weights)."""
+    w = linear.weight
+    if not keep or (w.shape[1] * w.element_size()) % 8 or (w.storage_offset() * w.element_size()) % 8:
+        return _mkl_pack(w, rows)  # (fingerprints read 8-byte words)
+    marks = fingerprint(w, random_probe(w.shape[1], w.dtype))
+    kept = _KEPT.get(linear)
+    if kept is None or kept[0] != rows or not same(marks, kept[1]):
+        _KEPT.pop(linear, None)  # the stale copy goes before the new one is made
+        kept = _KEPT[linear] = rows, marks, _mkl_pack(w, rows)
+    return kept[2]
+
+
 # The packed linear as an operator of its own, which torch.compile calls as it is (it cannot trace MKL's packed
 # weights). The packed copies are looked up by the weight's address and shape while packed_weights is active.
 _PACKED: dict[tuple, tuple[torch.Tensor, int]] = {}
 _FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 if MKL_PACKING:
-    _mkl_linear = torch.ops.mkl._mkl_linear
+    _mkl_linear, _mkl_pack = torch.ops.mkl._mkl_linear, torch.ops.mkl._mkl_reorder_linear_weight
 
     def _packed_linear(x, weight):
         packed, rows = _PACKED.get((weight.data_ptr(), weight.shape), (None, 0))
@@ -280,6 +301,20 @@ def fingerprint(w, probe):
     return w.view(torch.int64).sum(1), w @ probe
 
 
+def same(marks, other) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(marks, other))
+
+
+_PROBES: dict = {}
+
+
+def random_probe(n: int, dtype):
+    """The fixed random vector of n entries that fingerprints use."""
+    if (n, dtype) not in _PROBES:
+        _PROBES[n, dtype] = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    return _PROBES[n, dtype]
+
+
 class OutputScreen:
     """argmax(process(x @ W.T)) for greedy decoding, where W is the output layer's weight (vocab, K) and `process`
     applies transformers' greedy logits processors, each of which masks tokens or maps every score through a
@@ -298,7 +333,7 @@ class OutputScreen:
     def __init__(self, weight):
         w = weight.detach()
         self.weight = weight
-        self.probe = torch.randn(w.shape[1], generator=torch.Generator().manual_seed(0), dtype=w.dtype)
+        self.probe = random_probe(w.shape[1], w.dtype)
         self.fingerprint = fingerprint(w, self.probe)
         amax = w.abs().amax(1)
         self.usable = bool(torch.isfinite(amax).all())
@@ -315,7 +350,7 @@ class OutputScreen:
         self.rounding = w.shape[1] * 2.0 ** -22 + 1e-6
 
     def fingerprint_matches(self, weight) -> bool:
-        return all(torch.equal(a, b) for a, b in zip(fingerprint(weight, self.probe), self.fingerprint))
+        return same(fingerprint(weight, self.probe), self.fingerprint)
 
     def argmax(self, x, process):
         """The greedy tokens (M,) for the output layer's inputs x (M, K)."""

@@ -185,6 +185,56 @@ def test_packed_weights_follow_training_and_autocast(checkpoint, monkeypatch):
         assert torch.equal(model.generate(ids, mask, **kw)[0], plain[0])
 
 
+@pytest.mark.skipif(not G.MKL_PACKING, reason="torch built without MKL")
+def test_compiled_decoding_keeps_packed_weights(checkpoint, monkeypatch):
+    """compile=True keeps the packed copies between calls: the next call with the same row count packs nothing, a
+    weight changed in place (no version counter bump) or replaced is packed again, and so is every weight for a new
+    row count; rows are always those of plain decoding with the current weights. (The step runs eagerly here: what
+    is kept does not depend on compiling, which test_compiled_step_matches_eager covers.)"""
+    import gc
+
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = load_model(folder, dtype=torch.float32)
+    ids, mask = random_batch(96, LENGTHS[:2], seed=9)
+    monkeypatch.setattr(G, "compiled_step", lambda step, device: step)
+    packs = []
+    mkl_pack = G._mkl_pack
+    monkeypatch.setattr(G, "_mkl_pack", lambda w, rows: packs.append(w) or mkl_pack(w, rows))
+    per_call = 6 * len(model.decoder.blocks) + 1
+
+    def check(want_packs, **kw):
+        packs.clear()
+        rows = model.generate(ids, mask, compile=True, max_new_tokens=16, num_beams=3, **kw)
+        assert len(packs) == want_packs
+        monkeypatch.setattr(G, "MKL_PACKING", False)
+        assert torch.equal(rows, model.generate(ids, mask, max_new_tokens=16, num_beams=3, **kw))
+        monkeypatch.setattr(G, "MKL_PACKING", True)
+
+    check(per_call)
+    check(0)
+    assert not G._PACKED and not any("forward" in m.__dict__ for m in model.modules())
+    wo = model.decoder.blocks[1].ffn.wo
+    with torch.no_grad():
+        wo.weight.data[3, 5] += 0.5  # in place, through .data: the version counter stays
+    check(1)
+    assert packs == [wo.weight]
+    wo.weight = torch.nn.Parameter(wo.weight.detach().flip(0))
+    check(1)
+    check(0, num_return_sequences=2, length_penalty=0.5)  # other settings, the same rows: kept
+    packs.clear()
+    rows4 = model.generate(ids[:1], compile=True, max_new_tokens=16, num_beams=4)  # 4 rows: packed again
+    assert len(packs) == per_call
+    kept = len(G._KEPT)
+    assert kept >= per_call
+    monkeypatch.setattr(G, "KEEP_BYTES", 0)  # too large to keep: packed each call, nothing more kept
+    packs.clear()
+    assert torch.equal(model.generate(ids[:1], compile=True, max_new_tokens=16, num_beams=4), rows4)
+    assert len(packs) == per_call and len(G._KEPT) == kept
+    del model, wo
+    gc.collect()
+    assert len(G._KEPT) == kept - per_call  # the copies go with the model
+
+
 def test_compiled_step_matches_eager(checkpoint, monkeypatch):
     """generate(compile=True) runs the decoding step through torch.compile (one compilation serves every position and
     both calls) and gives the eager rows: greedy on a padded batch, 3 beams (3 rows: too few to pack), and 3 beams
