@@ -42,12 +42,12 @@ def check_every(device) -> int:
 
 
 def process_scores(scores, tokens, t: int, g: GenerationConfig, eos: int, min_keep: int):
-    """Transformers' logits processors, in its order. scores: float32 (N, vocab) for the token after `tokens`
-    (N, t+1), the decoder tokens so far (start token included, as transformers counts them)."""
+    """Transformers' logits processors, in its order, applied in place and returned. scores: float32 (N, vocab) for
+    the token after `tokens` (N, t+1), the decoder tokens so far (start token included, as transformers counts
+    them)."""
     if g.repetition_penalty != 1.0:  # CTRL (Keskar et al. 2019): make tokens already generated less likely
         seen = scores.gather(1, tokens)
-        scores = scores.scatter(1, tokens, torch.where(seen < 0, seen * g.repetition_penalty,
-                                                       seen / g.repetition_penalty))
+        scores.scatter_(1, tokens, torch.where(seen < 0, seen * g.repetition_penalty, seen / g.repetition_penalty))
     n = g.no_repeat_ngram_size
     if n > 0 and t + 1 >= n:  # ban tokens that would repeat an n-gram: windows whose first n-1 tokens end the row
         windows = tokens.unfold(1, n, 1)  # (N, t+2-n, n)
@@ -55,21 +55,20 @@ def process_scores(scores, tokens, t: int, g: GenerationConfig, eos: int, min_ke
         V = scores.shape[-1]
         banned = torch.zeros(scores.shape[0], V + 1, dtype=torch.bool, device=scores.device)
         banned.scatter_(1, torch.where(match, windows[..., -1], V), True)
-        scores = scores.masked_fill(banned[:, :V], float("-inf"))
+        scores.masked_fill_(banned[:, :V], float("-inf"))
     if t < g.min_tokens:
-        scores = scores.clone()
         scores[:, eos] = float("-inf")
     if g.do_sample:
         if g.temperature != 1.0:
-            scores = scores / g.temperature
+            scores.div_(g.temperature)
         if g.top_k:
             kth = torch.topk(scores, max(min(g.top_k, scores.shape[-1]), min_keep))[0][..., -1, None]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
+            scores.masked_fill_(scores < kth, float("-inf"))
         if g.top_p < 1.0:  # nucleus (Holtzman et al. 2019): drop the least likely tokens holding 1 - top_p
             sorted_scores, order = torch.sort(scores, descending=False)
             drop = sorted_scores.softmax(-1).cumsum(-1) <= (1 - g.top_p)
             drop[..., -min_keep:] = False
-            scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+            scores.masked_fill_(drop.scatter(1, order, drop), float("-inf"))
     return scores
 
 
@@ -344,7 +343,8 @@ class OutputScreen:
         w_norm = torch.linalg.vector_norm(w, dim=1, dtype=torch.float64)
         e_norm = (torch.linalg.vector_norm(e, dim=1, dtype=torch.float64) + u * w_norm) * (1 + 3 * u)
         # per token: ||e_i|| and ||W_i|| + ||e_i|| (>= ||s_i q_i||), rounded up to float32
-        self.norms = (torch.stack([e_norm, w_norm + e_norm]) * (1 + 2.0 ** -20)).float()  # (2, vocab)
+        norms = (torch.stack([e_norm, w_norm + e_norm]) * (1 + 2.0 ** -20)).float()
+        self.norms = torch.cat([norms, torch.full_like(norms[:1], 2.0 ** -120)])  # (3, vocab), see bounds
         self.norm_max = float(self.norms[1].max())
         self.q_t = q.to(torch.int8).t()  # (K, vocab): the layout _int_mm reads fastest for one row
         self.rounding = w.shape[1] * 2.0 ** -22 + 1e-6
@@ -371,10 +371,12 @@ class OutputScreen:
         # that row then adds no candidates, and gets token 0 from the -inf logits as from the full layer)
         f32 = torch.finfo(torch.float32)
         lower = process(approx - b).amax(1, keepdim=True).clamp_(f32.min, f32.max)
-        # tokens whose upper end reaches it in some row (upper - lower >= 0 exactly when upper >= lower, as float
-        # subtraction of distinct finite numbers never rounds to 0, and lower is finite, so no inf - inf; amax over
-        # rows is ~4x faster than any() of a compare)
-        candidates = (process(approx + b).sub_(lower).amax(0) >= 0).nonzero().squeeze(1)
+        # tokens whose upper end reaches it in some row (for several rows: upper - lower >= 0 exactly when upper >=
+        # lower, as float subtraction of distinct finite numbers never rounds to 0, and lower is finite, so no
+        # inf - inf; amax over rows is ~4x faster than any() of a compare)
+        upper = process(approx + b)
+        reach = upper[0] >= lower[0] if len(upper) == 1 else upper.sub_(lower).amax(0) >= 0
+        candidates = reach.nonzero().squeeze(1)
         if candidates.numel() > SCREEN_MAX * approx.shape[1] or not candidates.numel():  # (empty: NaN somewhere)
             return None
         return candidates
@@ -382,31 +384,33 @@ class OutputScreen:
     def bounds(self, x):
         """(approx, b), each (M, vocab): every token's approximate logit and a bound on its distance from the logit
         in float; None where the full output layer must run."""
-        xa = x.abs()
-        if not bool(torch.isfinite(xa.amax()).all()) or not int_mm_exact(x.shape[0], x.shape[1], self.q_t.shape[1]):
+        if not int_mm_exact(x.shape[0], x.shape[1], self.q_t.shape[1]):
             return None
         # Entries beyond 8x their row's median magnitude (outlying channels, as T5's hidden states have) are
         # multiplied in float32 with q, so that they do not set the int8 scale of the others.
+        xa = x.abs()
         out = (xa > 8 * xa.median(1, keepdim=True).values).any(0).nonzero().squeeze(1)
         if out.numel() > x.shape[1] // 8:
             out = out[:0]
         rest, rest_abs = (x.index_fill(1, out, 0), xa.index_fill(1, out, 0)) if out.numel() else (x, xa)
-        r = (rest_abs.amax(1, keepdim=True) / 127).float()
-        if not bool(torch.isfinite(r).all()):
-            return None
-        r = normal_or_one(r)  # (M, 1)
+        r = normal_or_one((rest_abs.amax(1, keepdim=True) / 127).float())  # (M, 1)
         q_x = torch.round(rest / r.to(x.dtype)).clamp_(-127, 127)
         # x_hat = what the approximation multiplies: r q_x, and the outlying entries rounded to float32
-        x_out = x[:, out].float()
-        x_hat = (r.double() * q_x.double()).index_copy_(1, out, x_out.double())
+        x_hat = r.double() * q_x.double()
+        if out.numel():
+            x_out = x[:, out].float()
+            x_hat.index_copy_(1, out, x_out.double())
         e_x = torch.linalg.vector_norm(x.double() - x_hat, dim=1)
         a = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) + e_x  # >= ||x_hat|| and ||x||
-        if not bool(a.max() * self.norm_max < 2.0 ** 125):  # else approx +- b could overflow float32
+        # one check for all: a non-finite entry of x makes a NaN or infinite, and beyond this bound approx +- b
+        # could overflow float32
+        if not bool(a.max() * self.norm_max < 2.0 ** 125):
             return None
-        # (M, 2) @ (2, vocab): the bound b, a little above the rounding of the sums that use it
-        # (plus 2^-120: rounding in float32's subnormal range is absolute, at most 2^-150 an operation)
-        b = ((torch.stack([a, e_x + self.rounding * a], 1) * (1 + 1e-5)).float() @ self.norms).add_(2.0 ** -120)
-        approx = torch._int_mm(q_x.to(torch.int8), self.q_t).float().mul_(r)  # (M, vocab), / s_i
+        # (M, 3) @ (3, vocab): the bound b, a little above the rounding of the sums that use it, plus 2^-120
+        # (rounding in float32's subnormal range is absolute, at most 2^-150 an operation)
+        c = 1 + 1e-5
+        b = torch.stack([a * c, (e_x + self.rounding * a) * c, torch.ones_like(a)], 1).float() @ self.norms
+        approx = torch._int_mm(q_x.to(torch.int8), self.q_t) * r  # (M, vocab), / s_i (int32 to float32 is exact)
         if out.numel():
             approx += x_out @ self.q_t[out].float()
         return approx.mul_(self.scale), b
@@ -457,6 +461,7 @@ def token_steps(step, N: int, cfg, g: GenerationConfig, rng, device, every: int 
     for t in range(g.new_tokens):
         out = step(tokens[:, t], t)  # logits, or the output layer's inputs for the screen
         process = partial(process_scores, tokens=tokens[:, :t + 1], t=t, g=g, eos=cfg.eos_token_id, min_keep=1)
+        log_probs = F.log_softmax(out, dim=-1) if want_scores else None  # before `process` changes out in place
         if screen is not None:
             next_token = screen.argmax(out, process)
         elif g.do_sample:
@@ -465,8 +470,7 @@ def token_steps(step, N: int, cfg, g: GenerationConfig, rng, device, every: int 
             next_token = argmax(process(out))
         next_token = next_token.masked_fill(done, cfg.pad_token_id)
         if want_scores:
-            token_logp = F.log_softmax(out, dim=-1).gather(1, next_token[:, None]).squeeze(1)
-            total = total + token_logp.masked_fill(done, 0.0)
+            total = total + log_probs.gather(1, next_token[:, None]).squeeze(1).masked_fill(done, 0.0)
         tokens[:, t + 1] = next_token
         done |= next_token == cfg.eos_token_id
         yield tokens[:, :t + 2], total
