@@ -9,7 +9,8 @@ Each generation row: inputs of 64 tokens, exactly 64 new tokens (min_new_tokens 
 batch * 64 / seconds (returned tokens, also for beam search). Implementations run alternately (ours, transformers,
 CTranslate2, ours, ...) after one warm-up each; the median of --repeats runs is reported.
 Peak memory: each implementation is loaded in a fresh subprocess that imports only its own library, runs the
-beam-4 batch-8 generation and the encoder prefill once, and reports its peak RSS (VmHWM of /proc/self/status).
+beam-4 batch-8 generation and the encoder prefill once, and reports its peak RSS (VmHWM of /proc/self/status);
+with --compile, nanoflant5's subprocess compiles too.
 """
 
 from __future__ import annotations
@@ -207,8 +208,8 @@ def memory_child(impl: str, folder: str):
 
 
 def peak_rss(impl: str, folder: Path) -> float:
-    out = subprocess.run([sys.executable, __file__, "--memory-child", impl, str(folder)], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, __file__, "--memory-child", impl, str(folder)] + ["--compile"] * COMPILE,
+                         check=True, capture_output=True, text=True).stdout
     return float(out.split()[-1])
 
 
@@ -234,12 +235,12 @@ def main():
     p.add_argument("--compile", action="store_true", help="nanoflant5 with generate(compile=True)")
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
+    global DEVICE, DTYPE, COMPILE
+    DEVICE, DTYPE, COMPILE = torch.device(args.device), getattr(torch, args.dtype), args.compile
     if args.memory_child:
         return memory_child(*args.memory_child)
     if args.quick:
         args.models, args.repeats = "small", 1
-    global DEVICE, DTYPE, COMPILE
-    DEVICE, DTYPE, COMPILE = torch.device(args.device), getattr(torch, args.dtype), args.compile
     if DEVICE.type != "cpu":
         args.no_memory = True
     torch.set_num_threads(THREADS)

@@ -545,7 +545,7 @@ def beam_search(step, cache: KVCache, batch: int, cfg, g: GenerationConfig, rng,
         log_probs = F.log_softmax(step(running[:, :, t].reshape(-1), t), dim=-1)  # (B*nb, V)
         log_probs = process_scores(log_probs, running[:, :, :t + 1].reshape(B * nb, t + 1), t, g, eos, min_keep=2)
         V = log_probs.shape[-1]
-        scores = (log_probs.view(B, nb, V) + running_scores[:, :, None]).view(B, nb * V)
+        scores = log_probs.view(B, nb, V).add_(running_scores[:, :, None]).view(B, nb * V)
         if g.do_sample:
             cand_index = torch.multinomial(F.softmax(scores, dim=-1), k, generator=rng)
             cand_scores, order = scores.gather(1, cand_index).sort(dim=-1, descending=True)
