@@ -98,7 +98,8 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
     search transformers' sequence score (sum of processed log-probabilities / length**length_penalty), otherwise
     the sum of the model's log-probabilities of the generated tokens (</s> included). compile=True runs the decoding
     step through torch.compile (compiled_step): the first call of each kind compiles (15-40 s on CPU for
-    flan-t5-small), later ones decode faster (measured on CPU: 1.01-1.24x, see the README)."""
+    flan-t5-small), later ones decode faster (see the README), and batched CPU decoding keeps its packed weights
+    between calls (packed_weights)."""
     g, attention_mask, rng = prepare(model, input_ids, attention_mask, seed, generator, kwargs)
     encoded = model.encode(input_ids, attention_mask)
     B = input_ids.shape[0]
@@ -231,8 +232,9 @@ _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> (row
 def pack(linear: nn.Linear, rows: int, keep: bool):
     """The linear layer's weight packed for `rows` rows: its kept copy if that is still valid (see packed_weights)."""
     w = linear.weight
-    if not keep or (w.shape[1] * w.element_size()) % 8 or (w.storage_offset() * w.element_size()) % 8:
-        return _mkl_pack(w, rows)  # (fingerprints read 8-byte words)
+    if (not keep or not w.is_contiguous() or (w.shape[1] * w.element_size()) % 8
+            or (w.storage_offset() * w.element_size()) % 8):
+        return _mkl_pack(w, rows)  # (fingerprints read rows as 8-byte words)
     marks = fingerprint(w, random_probe(w.shape[1], w.dtype))
     kept = _KEPT.get(linear)
     if kept is None or kept[0] != rows or not same(marks, kept[1]):
@@ -345,7 +347,8 @@ class OutputScreen:
         # per token: ||e_i|| and ||W_i|| + ||e_i|| (>= ||s_i q_i||), rounded up to float32
         norms = (torch.stack([e_norm, w_norm + e_norm]) * (1 + 2.0 ** -20)).float()
         self.norms = torch.cat([norms, torch.full_like(norms[:1], 2.0 ** -120)])  # (3, vocab), see bounds
-        self.norm_max = float(self.norms[1].max())
+        # the most by which ||x|| can grow in an intermediate: ||W_i|| + ||e_i|| (approx, b), 127 sqrt(K) (x_hat . q_i)
+        self.growth = max(float(self.norms[1].max()), 127 * w.shape[1] ** 0.5)
         self.q_t = q.to(torch.int8).t()  # (K, vocab): the layout _int_mm reads fastest for one row
         self.rounding = w.shape[1] * 2.0 ** -22 + 1e-6
 
@@ -402,15 +405,15 @@ class OutputScreen:
             x_hat.index_copy_(1, out, x_out.double())
         e_x = torch.linalg.vector_norm(x.double() - x_hat, dim=1)
         a = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) + e_x  # >= ||x_hat|| and ||x||
-        # one check for all: a non-finite entry of x makes a NaN or infinite, and beyond this bound approx +- b
-        # could overflow float32
-        if not bool(a.max() * self.norm_max < 2.0 ** 125):
+        # one check for all: a non-finite entry of x makes a NaN or infinite, and beyond this bound the integer
+        # product times r, or approx +- b, could overflow float32
+        if not bool(a.max() * self.growth < 2.0 ** 125):
             return None
         # (M, 3) @ (3, vocab): the bound b, a little above the rounding of the sums that use it, plus 2^-120
         # (rounding in float32's subnormal range is absolute, at most 2^-150 an operation)
         c = 1 + 1e-5
         b = torch.stack([a * c, (e_x + self.rounding * a) * c, torch.ones_like(a)], 1).float() @ self.norms
-        approx = torch._int_mm(q_x.to(torch.int8), self.q_t) * r  # (M, vocab), / s_i (int32 to float32 is exact)
+        approx = torch._int_mm(q_x.to(torch.int8), self.q_t) * r  # (M, vocab), / s_i
         if out.numel():
             approx += x_out @ self.q_t[out].float()
         return approx.mul_(self.scale), b

@@ -235,6 +235,20 @@ def test_compiled_decoding_keeps_packed_weights(checkpoint, monkeypatch):
     assert len(G._KEPT) == kept - per_call  # the copies go with the model
 
 
+@pytest.mark.skipif(not G.MKL_PACKING, reason="torch built without MKL")
+def test_kept_packing_takes_strided_weights():
+    """A weight that is not contiguous (a transposed view) is packed as it is and not kept (its fingerprint reads
+    rows as 8-byte words)."""
+    import torch.nn.functional as F
+
+    linear = torch.nn.Linear(64, 32, bias=False)
+    linear.weight = torch.nn.Parameter(torch.randn(64, 32).t())
+    x = torch.randn(4, 64)
+    packed = G.pack(linear, 4, keep=True)
+    torch.testing.assert_close(G._mkl_linear(x, packed, linear.weight, None, 4), F.linear(x, linear.weight))
+    assert linear not in G._KEPT
+
+
 def test_compiled_step_matches_eager(checkpoint, monkeypatch):
     """generate(compile=True) runs the decoding step through torch.compile (one compilation serves every position and
     both calls) and gives the eager rows: greedy on a padded batch, 3 beams (3 rows: too few to pack), and 3 beams

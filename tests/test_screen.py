@@ -74,6 +74,20 @@ def test_screen_falls_back_where_logits_overflow():
     assert torch.equal(screen.argmax(x, lambda s: s), full_argmax(x, w, lambda s: s))
 
 
+def test_screen_falls_back_where_the_int8_product_overflows():
+    """Finite logits, but an int8 product that overflows float32 before the per-token scale shrinks it (a token of
+    tiny weights whose int8 codes align with a huge input): the full output layer runs."""
+    V, K = 16, 64
+    w = torch.full((V, K), 1e-6)
+    w[1] = 0
+    w[1, 0] = 1.0
+    w[2:] *= torch.sign(torch.randn(V - 2, K, generator=torch.Generator().manual_seed(0)))
+    x = torch.full((1, K), 5e34)
+    screen = G.OutputScreen(w)
+    assert screen.bounds(x) is None
+    assert torch.equal(screen.argmax(x, lambda s: s), full_argmax(x, w, lambda s: s))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_screen_bound_holds_and_is_tight(dtype):
     """|logit - approx| <= b for every token, also for an input that makes Cauchy-Schwarz an equality: x along one
