@@ -233,9 +233,8 @@ _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> (row
 def pack(linear: nn.Linear, rows: int, keep: bool):
     """The linear layer's weight packed for `rows` rows: its kept copy if that is still valid (see packed_weights)."""
     w = linear.weight
-    if (not keep or not w.is_contiguous() or (w.shape[1] * w.element_size()) % 8
-            or (w.storage_offset() * w.element_size()) % 8):
-        return _mkl_pack(w, rows)  # (fingerprints read rows as 8-byte words)
+    if not keep or not fingerprintable(w):
+        return _mkl_pack(w, rows)
     marks = fingerprint(w, random_probe(w.shape[1], w.dtype))
     kept = _KEPT.get(linear)
     if kept is None or kept[0] != rows or not same(marks, kept[1]):
@@ -283,8 +282,7 @@ def output_screen(model: T5, g: GenerationConfig):
             or type(lm_head) is not nn.Linear or lm_head.bias is not None
             or lm_head._forward_hooks or lm_head._forward_pre_hooks or "forward" in lm_head.__dict__
             or _global_forward_hooks or _global_forward_pre_hooks or w.device.type != "cpu"
-            or w.dtype not in (torch.float32, torch.float64) or not w.is_contiguous()
-            or (w.shape[1] * w.element_size()) % 8 or (w.storage_offset() * w.element_size()) % 8
+            or w.dtype not in (torch.float32, torch.float64) or not fingerprintable(w)
             or torch.is_autocast_enabled("cpu")):
         return None
     screen = _SCREENS.get(lm_head)
@@ -301,6 +299,12 @@ def fingerprint(w, probe):
     have none and fused optimizers do not bump them."""
     w = w.detach()
     return w.view(torch.int64).sum(1), w @ probe
+
+
+def fingerprintable(w) -> bool:
+    """Whether fingerprint() can read w's rows as 8-byte words."""
+    size = w.element_size()
+    return w.is_contiguous() and not (w.shape[1] * size) % 8 and not (w.storage_offset() * size) % 8
 
 
 def same(marks, other) -> bool:
