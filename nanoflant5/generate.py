@@ -107,8 +107,7 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
     copies = g.num_beams if g.num_beams > 1 else g.num_return_sequences
     screen = None if return_scores else output_screen(model, g)
     with packed_weights(model, B * copies, g.new_tokens, output_layer=screen is None, keep=compile):
-        step, cache = decoder_steps(model, encoded, attention_mask, copies, g.new_tokens + 1, compile,
-                                    features=screen is not None)
+        step, cache = decoder_steps(model, encoded, attention_mask, copies, g.new_tokens + 1, compile, screen)
         if g.num_beams == 1:
             rows, scores = None, None
             for rows, scores in token_steps(step, B * copies, model.config, g, rng, input_ids.device,
@@ -132,7 +131,7 @@ def stream(model: T5, input_ids, attention_mask=None, *, seed=None, generator=No
     encoded = model.encode(input_ids, attention_mask)
     screen = output_screen(model, g)
     with packed_weights(model, input_ids.shape[0], g.new_tokens, output_layer=screen is None, keep=compile):
-        step, _ = decoder_steps(model, encoded, attention_mask, 1, g.new_tokens + 1, compile, screen is not None)
+        step, _ = decoder_steps(model, encoded, attention_mask, 1, g.new_tokens + 1, compile, screen)
         for rows, _ in token_steps(step, input_ids.shape[0], model.config, g, rng, input_ids.device, screen=screen):
             if rows.shape[1] > 1:
                 yield rows[:, -1]
@@ -154,10 +153,11 @@ def score(model: T5, input_ids, attention_mask, labels, labels_mask=None):
 
 
 def decoder_steps(model: T5, encoded, attention_mask, copies: int, max_len: int, compile: bool = False,
-                  features: bool = False):
+                  screen: OutputScreen | None = None):
     """A function step(tokens (N,), pos) -> float32 logits (N, vocab) for N = batch * copies rows (the copies of an
     input are adjacent), and the KVCache it fills. compile: the step goes through torch.compile (compiled_step).
-    features: the step returns the output layer's inputs (N, d_model) instead of logits (for an OutputScreen)."""
+    screen: the step returns the screen's bounds for the output layer's inputs instead of logits (so that, compiled,
+    they are computed in the step's graph)."""
     cross_kv = model.decoder.project(encoded)  # one per input, shared by its copies (CrossAttention.forward)
     cross_mask = padding_mask(attention_mask, encoded.dtype)
     bias = model.decoder.causal_bias(max_len)  # (1, H, max_len, max_len); step pos uses row pos
@@ -166,7 +166,7 @@ def decoder_steps(model: T5, encoded, attention_mask, copies: int, max_len: int,
     def step(tokens, pos: int):
         x = model.shared(tokens[:, None])  # (N, 1, d_model)
         hidden = model.decoder(x, bias[:, :, pos:pos + 1, :pos + 1], cross_kv, cross_mask, cache, pos)[:, -1]
-        return model.head_inputs(hidden) if features else model.logits(hidden).float()
+        return screen.bounds(model.head_inputs(hidden)) if screen is not None else model.logits(hidden).float()
 
     return (compiled_step(step, encoded.device) if compile else step), cache
 
@@ -269,6 +269,7 @@ if MKL_PACKING:
 SCREEN = hasattr(torch, "_int_mm")  # tests switch it off to compare with the full output layer
 SCREEN_MIN_STEPS = 16  # the first call makes the int8 copy (~0.2 s for flan-t5-small): not for short generations
 SCREEN_MAX = 0.25  # more candidate tokens than this fraction of the vocabulary: the full output layer is cheaper
+OUTLIERS = 8  # input entries per step that the screen multiplies in float32 (see OutputScreen.bounds)
 _SCREENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lm_head -> its OutputScreen
 
 
@@ -327,14 +328,17 @@ class OutputScreen:
     nondecreasing function (repetition penalty). The result is the full output layer's token, but W is read as int8:
 
     W_i = s_i q_i + e_i (int8 q_i, per-token scale s_i) and x = x_hat + e_x, where x_hat is r q_x (int8 q_x, per-row
-    scale r) but for a few outlying entries, which it keeps in float32. The exact integer product q_x . q_i
-    (torch._int_mm) plus the outlying entries' products give approx_i = s_i x_hat . q_i, and by Cauchy-Schwarz
+    scale r) but in the few channels with the largest entries, where it keeps x in float32. The exact integer product
+    q_x . q_i (torch._int_mm) plus those channels' products give approx_i = s_i x_hat . q_i, and by Cauchy-Schwarz
         |x . W_i - approx_i| = |x . e_i + s_i e_x . q_i| <= ||x|| ||e_i|| + ||e_x|| ||s_i q_i||,
     plus floating-point rounding (at most K * 2^-22 + 1e-6 of ||x|| ||W_i|| here, in any summation order; Higham,
     "Accuracy and Stability of Numerical Algorithms", ch. 3). With that bound b_i, every processed score lies in
     [f(approx_i - b_i), f(approx_i + b_i)], so the best token is among those whose upper end reaches the largest lower
-    end: only they get logits from W in full precision (~20 of flan-t5's 32128 tokens per row, measured). Non-finite
-    inputs, or too many candidates, take the full output layer."""
+    end: only they get logits from W in full precision (~10-20 of flan-t5's 32128 tokens per row, measured). Non-finite
+    inputs, or too many candidates, take the full output layer.
+
+    bounds() gives approx_i -+ b_i with tensor operations of fixed shapes, so the compiled decoding step computes them
+    in its own graph; argmax() takes it from there."""
 
     def __init__(self, weight):
         w = weight.detach()
@@ -352,76 +356,77 @@ class OutputScreen:
         # per token: ||e_i|| and ||W_i|| + ||e_i|| (>= ||s_i q_i||), rounded up to float32
         norms = (torch.stack([e_norm, w_norm + e_norm]) * (1 + 2.0 ** -20)).float()
         self.norms = torch.cat([norms, torch.full_like(norms[:1], 2.0 ** -120)])  # (3, vocab), see bounds
-        # the most by which ||x|| can grow in an intermediate: ||W_i|| + ||e_i|| (approx, b), 127 sqrt(K) (x_hat . q_i)
-        self.growth = max(float(self.norms[1].max()), 127 * w.shape[1] ** 0.5)
+        # the most by which ||x|| can grow in an intermediate: ||W_i|| + ||e_i|| (approx, b), 127 sqrt(K) (x_hat . q_i);
+        # a tensor, so that a compiled step does not specialize on its value
+        self.growth = torch.tensor(max(float(self.norms[1].max()), 127 * w.shape[1] ** 0.5), dtype=torch.float64)
         self.q_t = q.to(torch.int8).t()  # (K, vocab): the layout _int_mm reads fastest for one row
+        self.q_rows = self.q_t.contiguous()  # the same, row by row: the outlying entries' rows are read from it
         self.rounding = w.shape[1] * 2.0 ** -22 + 1e-6
 
     def fingerprint_matches(self, weight) -> bool:
         return same(fingerprint(weight, self.probe), self.fingerprint)
 
-    def argmax(self, x, process):
-        """The greedy tokens (M,) for the output layer's inputs x (M, K)."""
-        candidates = self.candidates(x, process)
+    def argmax(self, bounds, process):
+        """The greedy tokens (M,) from bounds(x) for the output layer's inputs x (M, K)."""
+        x = bounds[0]
+        candidates = self.candidates(bounds, process)
         if candidates is None:
             return argmax(process(F.linear(x, self.weight).float()))
         logits = torch.full((x.shape[0], self.weight.shape[0]), float("-inf"), dtype=torch.float32, device=x.device)
         logits[:, candidates] = F.linear(x, self.weight[candidates]).float()
         return argmax(process(logits))
 
-    def candidates(self, x, process):
+    def candidates(self, bounds, process):
         """The tokens (ascending) that may be some row's greedy choice, or None: take the full output layer."""
-        bounds = self.bounds(x)
-        if bounds is None:
+        x, lower, upper, ok = bounds
+        if not int_mm_exact(*x.shape, self.q_t.shape[1]) or not bool(ok):
             return None
-        approx, b = bounds
         # each row's largest lower end, clamped to finite (the float32 minimum for a row where every token is masked:
         # that row then adds no candidates, and gets token 0 from the -inf logits as from the full layer)
         f32 = torch.finfo(torch.float32)
-        lower = process(approx - b).amax(1, keepdim=True).clamp_(f32.min, f32.max)
+        lower = process(lower).amax(1, keepdim=True).clamp_(f32.min, f32.max)
         # tokens whose upper end reaches it in some row (for several rows: upper - lower >= 0 exactly when upper >=
         # lower, as float subtraction of distinct finite numbers never rounds to 0, and lower is finite, so no
         # inf - inf; amax over rows is ~4x faster than any() of a compare)
-        upper = process(approx + b)
+        upper = process(upper)
         reach = upper[0] >= lower[0] if len(upper) == 1 else upper.sub_(lower).amax(0) >= 0
         candidates = reach.nonzero().squeeze(1)
-        if candidates.numel() > SCREEN_MAX * approx.shape[1] or not candidates.numel():  # (empty: NaN somewhere)
+        if candidates.numel() > SCREEN_MAX * upper.shape[1] or not candidates.numel():  # (empty: NaN somewhere)
             return None
         return candidates
 
     def bounds(self, x):
-        """(approx, b), each (M, vocab): every token's approximate logit and a bound on its distance from the logit
-        in float; None where the full output layer must run."""
-        if not int_mm_exact(x.shape[0], x.shape[1], self.q_t.shape[1]):
-            return None
-        # Entries beyond 8x their row's median magnitude (outlying channels, as T5's hidden states have) are
+        """(x, approx - b, approx + b, ok) for the output layer's inputs x (M, K): every token's approximate logit
+        approx (M, vocab) minus and plus a bound b on its distance from the logit in float, where ok (a bool tensor)
+        is true; where it is false, the full output layer must run. Tensor operations of fixed shapes only, so that
+        the compiled decoding step computes them in its own graph."""
+        # The OUTLIERS channels with the largest entries (T5's hidden states have a few outlying channels) are
         # multiplied in float32 with q, so that they do not set the int8 scale of the others.
-        xa = x.abs()
-        out = (xa > 8 * xa.median(1, keepdim=True).values).any(0).nonzero().squeeze(1)
-        if out.numel() > x.shape[1] // 8:
-            out = out[:0]
-        rest, rest_abs = (x.index_fill(1, out, 0), xa.index_fill(1, out, 0)) if out.numel() else (x, xa)
-        r = normal_or_one((rest_abs.amax(1, keepdim=True) / 127).float())  # (M, 1)
+        out = x.abs().amax(0).topk(min(OUTLIERS, x.shape[1])).indices
+        x_out = x[:, out].float()  # (M, OUTLIERS)
+        rest = x.index_fill(1, out, 0)
+        r = normal_or_one((rest.abs().amax(1, keepdim=True) / 127).float())  # (M, 1)
         q_x = torch.round(rest / r.to(x.dtype)).clamp_(-127, 127)
         # x_hat = what the approximation multiplies: r q_x, and the outlying entries rounded to float32
-        x_hat = r.double() * q_x.double()
-        if out.numel():
-            x_out = x[:, out].float()
-            x_hat.index_copy_(1, out, x_out.double())
+        x_hat = (r.double() * q_x.double()).index_copy(1, out, x_out.double())
         e_x = torch.linalg.vector_norm(x.double() - x_hat, dim=1)
         a = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) + e_x  # >= ||x_hat|| and ||x||
         # one check for all: a non-finite entry of x makes a NaN or infinite, and beyond this bound the integer
         # product times r, or approx +- b, could overflow float32
-        if not bool(a.max() * self.growth < 2.0 ** 125):
-            return None
+        ok = a.max() * self.growth < 2.0 ** 125
         # (M, 3) @ (3, vocab): the bound b, a little above the rounding of the sums that use it, plus 2^-120
         # (rounding in float32's subnormal range is absolute, at most 2^-150 an operation)
         c = 1 + 1e-5
         b = torch.stack([a * c, (e_x + self.rounding * a) * c, torch.ones_like(a)], 1).float() @ self.norms
         approx = torch._int_mm(q_x.to(torch.int8), self.q_t) * r  # (M, vocab), / s_i
-        if out.numel():
-            approx += x_out @ self.q_t[out].float()
-        return approx.mul_(self.scale), b
+        rows = self.q_rows.index_select(0, out)  # (OUTLIERS, vocab)
+        if torch.compiler.is_compiling():  # term by term: the compiled step adds them all in one pass
+            for j in range(len(rows)):
+                approx = approx + x_out[:, j, None] * rows[j]
+        else:
+            approx += x_out @ rows.float()
+        approx = approx * self.scale
+        return x, approx - b, approx + b, ok
 
 
 def normal_or_one(scale):
@@ -460,14 +465,14 @@ def token_steps(step, N: int, cfg, g: GenerationConfig, rng, device, every: int 
                 screen: OutputScreen | None = None):
     """Greedy decoding or sampling, one token per row per step. Yields (rows so far, scores so far: None unless
     want_scores) after the start token and after every step; rows that ended get padding. Checks for the end every
-    `every` steps. screen: greedy decoding through an OutputScreen; step returns the output layer's inputs."""
+    `every` steps. screen: greedy decoding through an OutputScreen; step returns its bounds."""
     tokens = torch.full((N, g.new_tokens + 1), cfg.pad_token_id, dtype=torch.long, device=device)
     tokens[:, 0] = cfg.decoder_start_token_id
     done = torch.zeros(N, dtype=torch.bool, device=device)
     total = torch.zeros(N, device=device) if want_scores else None
     yield tokens[:, :1], total
     for t in range(g.new_tokens):
-        out = step(tokens[:, t], t)  # logits, or the output layer's inputs for the screen
+        out = step(tokens[:, t], t)  # logits, or the screen's bounds
         process = partial(process_scores, tokens=tokens[:, :t + 1], t=t, g=g, eos=cfg.eos_token_id, min_keep=1)
         log_probs = F.log_softmax(out, dim=-1) if want_scores else None  # before `process` changes out in place
         if screen is not None:
