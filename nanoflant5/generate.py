@@ -372,9 +372,11 @@ class OutputScreen:
         candidates = self.candidates(bounds, process)
         if candidates is None:
             return argmax(process(F.linear(x, self.weight).float()))
-        logits = torch.full((x.shape[0], self.weight.shape[0]), float("-inf"), dtype=torch.float32, device=x.device)
-        logits[:, candidates] = F.linear(x, self.weight[candidates]).float()
-        return argmax(process(logits))
+        logits = bounds[2].fill_(float("-inf"))  # (M, vocab): the upper ends' tensor, done with
+        logits[:, candidates] = F.linear(x, self.weight.index_select(0, candidates)).float()
+        # the first best candidate is the first best token, unless a row's every token is masked (then token 0)
+        best, i = process(logits)[:, candidates].max(1)
+        return torch.where(best > float("-inf"), candidates[i], 0)
 
     def candidates(self, bounds, process):
         """The tokens (ascending) that may be some row's greedy choice, or None: take the full output layer."""
