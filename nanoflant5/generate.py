@@ -269,7 +269,7 @@ if MKL_PACKING:
 SCREEN = hasattr(torch, "_int_mm")  # tests switch it off to compare with the full output layer
 SCREEN_MIN_STEPS = 16  # the first call makes the int8 copy (~0.2 s for flan-t5-small): not for short generations
 SCREEN_MAX = 0.25  # more candidate tokens than this fraction of the vocabulary: the full output layer is cheaper
-OUTLIERS = 8  # input entries per step that the screen multiplies in float32 (see OutputScreen.bounds)
+OUTLIERS = 8  # channels of the output layer's input that the screen multiplies in float32 (OutputScreen.bounds)
 _SCREENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lm_head -> its OutputScreen
 
 
