@@ -367,7 +367,8 @@ class OutputScreen:
         return same(fingerprint(weight, self.probe), self.fingerprint)
 
     def argmax(self, bounds, process):
-        """The greedy tokens (M,) from bounds(x) for the output layer's inputs x (M, K)."""
+        """The greedy tokens (M,) from bounds(x) for the output layer's inputs x (M, K). Uses the bounds up: their
+        tensors are processed in place and reused."""
         x = bounds[0]
         candidates = self.candidates(bounds, process)
         if candidates is None:
@@ -379,7 +380,8 @@ class OutputScreen:
         return torch.where(best > float("-inf"), candidates[i], 0)
 
     def candidates(self, bounds, process):
-        """The tokens (ascending) that may be some row's greedy choice, or None: take the full output layer."""
+        """The tokens (ascending) that may be some row's greedy choice, or None: take the full output layer. Processes
+        the bounds' tensors in place."""
         x, lower, upper, ok = bounds
         if not int_mm_exact(*x.shape, self.q_t.shape[1]) or not bool(ok):
             return None
