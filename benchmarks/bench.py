@@ -7,7 +7,9 @@ The checkpoints have random weights (tests/helpers.make_checkpoint with the pres
 on the weights, and the helper's weights make greedy and beam outputs vary, so "outputs equal" means something.
 Each generation row: inputs of 64 tokens, exactly 64 new tokens (min_new_tokens = max_new_tokens = 64); tokens/s is
 batch * 64 / seconds (returned tokens, also for beam search). Implementations run alternately (ours, transformers,
-CTranslate2, ours, ...) after one warm-up each; the median of --repeats runs is reported.
+CTranslate2, ours, ...) after one warm-up each; the median of --repeats runs is reported, and with each ratio the
+lowest and highest of the per-run ratios (each run against transformers' run in the same round), which shows how
+much the shared machine moved the ratio during the benchmark.
 Peak memory: each implementation is loaded in a fresh subprocess that imports only its own library, runs the
 beam-4 batch-8 generation and the encoder prefill once, and reports its peak RSS (VmHWM of /proc/self/status);
 with --compile, nanoflant5's subprocess compiles too.
@@ -141,7 +143,7 @@ def timed(fn, *args):
 
 
 def race(runners: dict, call, repeats: int):
-    """One warm-up each, then `repeats` alternating runs. -> name -> (median seconds, output of the last run)."""
+    """One warm-up each, then `repeats` alternating runs. -> name -> (seconds of each run, output of the last run)."""
     times = {n: [] for n in runners}
     outs = {}
     for n in runners:
@@ -151,7 +153,7 @@ def race(runners: dict, call, repeats: int):
             dt, outs[n] = timed(call, runners[n])
             worker = getattr(runners[n][0], "__self__", None)
             times[n].append(worker.seconds if isinstance(worker, CT2Worker) else dt)
-    return {n: (statistics.median(times[n]), outs[n]) for n in runners}
+    return {n: (times[n], outs[n]) for n in runners}
 
 
 def bench_model(name: str, folder: Path, ct2_ok: bool, repeats: int):
@@ -162,7 +164,7 @@ def bench_model(name: str, folder: Path, ct2_ok: bool, repeats: int):
         ids, mask = inputs(batch, IN_LEN, seed=batch)
         res = race(runners, lambda r: r[0](ids, mask, beams), repeats)
         hf_out = res["transformers"][1]
-        tps = {n: batch * NEW / s for n, (s, _) in res.items()}
+        tps = speeds(res, batch * NEW)
         ours_out = res["nanoflant5"][1]
         same = sum(torch.equal(a, b) for a, b in zip(ours_out, hf_out)) if ours_out.shape == hf_out.shape else 0
         equal = "yes" if same == len(hf_out) else f"**{same}/{len(hf_out)} rows**"
@@ -171,7 +173,7 @@ def bench_model(name: str, folder: Path, ct2_ok: bool, repeats: int):
             same = sum(torch.equal(a[:NEW + 1], b[:NEW + 1]) for a, b in zip(ct, hf_out)) if ct.shape[1] >= NEW + 1 else 0
             equal += f"; ct2 {same}/{batch} rows"
         rows.append((name, label, tps, equal))
-        print(f"[bench] {name} {label}: " + ", ".join(f"{n} {v:.1f} tok/s" for n, v in tps.items()) + f" ({equal})",
+        print(f"[bench] {name} {label}: " + ", ".join(f"{n} {v[0]:.1f} tok/s" for n, v in tps.items()) + f" ({equal})",
               file=sys.stderr)
     ids, mask = inputs(ENC_BATCH, ENC_LEN, seed=7)
     enc = {n: r for n, r in runners.items() if r[1] is not None}
@@ -179,9 +181,9 @@ def bench_model(name: str, folder: Path, ct2_ok: bool, repeats: int):
         res = race(enc, lambda r: r[1](ids, mask), repeats)
     diff = (res["nanoflant5"][1] - res["transformers"][1]).abs().max().item()
     scale = res["transformers"][1].abs().max().item()
-    tps = {n: ENC_BATCH * ENC_LEN / s for n, (s, _) in res.items()}
+    tps = speeds(res, ENC_BATCH * ENC_LEN)
     rows.append((name, f"encoder b{ENC_BATCH}x{ENC_LEN}", tps, f"max abs diff {diff:.1e} (of max {scale:.1e})"))
-    print(f"[bench] {name} encoder: {tps}", file=sys.stderr)
+    print(f"[bench] {name} encoder: " + ", ".join(f"{n} {v[0]:.1f} tok/s" for n, v in tps.items()), file=sys.stderr)
     return rows
 
 
@@ -215,12 +217,22 @@ def peak_rss(impl: str, folder: Path) -> float:
 
 # ------------------------------------------------------------------------------------------------ report
 
+def speeds(res, tokens: int):
+    """name -> (tokens/s of the median run, tokens/s of each run) from race()'s result."""
+    return {n: (tokens / statistics.median(times), [tokens / t for t in times]) for n, (times, _) in res.items()}
+
+
 def fmt(tps, n):
-    return f"{tps[n]:.1f}" if n in tps else "—"
+    return f"{tps[n][0]:.1f}" if n in tps else "—"
 
 
 def ratio(tps, n):
-    return f"{tps[n] / tps['transformers']:.2f}x" if n in tps else "—"
+    """The ratio of the medians to transformers', and (over several runs) the range of the per-run ratios."""
+    if n not in tps:
+        return "—"
+    runs = [a / b for a, b in zip(tps[n][1], tps["transformers"][1])]
+    spread = f" ({min(runs):.2f}-{max(runs):.2f})" if len(runs) > 1 else ""
+    return f"{tps[n][0] / tps['transformers'][0]:.2f}x{spread}"
 
 
 def main():
@@ -262,8 +274,8 @@ def main():
 
     print(f"\nCommand: `python {' '.join(sys.argv)}`  \ntorch {torch.__version__}, {THREADS} threads, {args.dtype}, "
           f"{torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'CPU'}{'; nanoflant5 compiled' * COMPILE}; "
-          f"inputs {IN_LEN} tokens, {NEW} new tokens forced; median of {args.repeats} alternating runs after a warm-up."
-          "\n")
+          f"inputs {IN_LEN} tokens, {NEW} new tokens forced; median of {args.repeats} alternating runs after a warm-up"
+          f"{'; ratio (lowest-highest per-run ratio)' * (args.repeats > 1)}.\n")
     print("| model | setting | transformers tok/s | nanoflant5 tok/s | ratio | CTranslate2 tok/s | ratio | outputs equal |")
     print("|---|---|---:|---:|---:|---:|---:|---|")
     for name, label, tps, equal in rows:
