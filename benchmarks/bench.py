@@ -218,7 +218,7 @@ def peak_rss(impl: str, folder: Path) -> float:
 # ------------------------------------------------------------------------------------------------ report
 
 def speeds(res, tokens: int):
-    """name -> (tokens/s of the median run, tokens/s of each run) from race()'s result."""
+    """name -> (tokens/s at the median time, tokens/s of each run) from race()'s result."""
     return {n: (tokens / statistics.median(times), [tokens / t for t in times]) for n, (times, _) in res.items()}
 
 
