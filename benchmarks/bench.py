@@ -173,8 +173,7 @@ def bench_model(name: str, folder: Path, ct2_ok: bool, repeats: int):
             same = sum(torch.equal(a[:NEW + 1], b[:NEW + 1]) for a, b in zip(ct, hf_out)) if ct.shape[1] >= NEW + 1 else 0
             equal += f"; ct2 {same}/{batch} rows"
         rows.append((name, label, tps, equal))
-        print(f"[bench] {name} {label}: " + ", ".join(f"{n} {v[0]:.1f} tok/s" for n, v in tps.items()) + f" ({equal})",
-              file=sys.stderr)
+        print(f"[bench] {name} {label}: {rates(tps)} ({equal})", file=sys.stderr)
     ids, mask = inputs(ENC_BATCH, ENC_LEN, seed=7)
     enc = {n: r for n, r in runners.items() if r[1] is not None}
     with torch.inference_mode():
@@ -183,7 +182,7 @@ def bench_model(name: str, folder: Path, ct2_ok: bool, repeats: int):
     scale = res["transformers"][1].abs().max().item()
     tps = speeds(res, ENC_BATCH * ENC_LEN)
     rows.append((name, f"encoder b{ENC_BATCH}x{ENC_LEN}", tps, f"max abs diff {diff:.1e} (of max {scale:.1e})"))
-    print(f"[bench] {name} encoder: " + ", ".join(f"{n} {v[0]:.1f} tok/s" for n, v in tps.items()), file=sys.stderr)
+    print(f"[bench] {name} encoder: {rates(tps)}", file=sys.stderr)
     return rows
 
 
@@ -220,6 +219,11 @@ def peak_rss(impl: str, folder: Path) -> float:
 def speeds(res, tokens: int):
     """name -> (tokens/s at the median time, tokens/s of each run) from race()'s result."""
     return {n: (tokens / statistics.median(times), [tokens / t for t in times]) for n, (times, _) in res.items()}
+
+
+def rates(tps):
+    """speeds()' medians as one progress line."""
+    return ", ".join(f"{n} {v[0]:.1f} tok/s" for n, v in tps.items())
 
 
 def fmt(tps, n):
