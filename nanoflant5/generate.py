@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
 from .config import GenerationConfig
+from . import kernels
 from .model import T5, KVCache, padding_mask
 
 NEG = -1.0e9  # transformers' "impossible" beam score: added, not assigned, so the arithmetic matches
@@ -30,11 +31,13 @@ NEG = -1.0e9  # transformers' "impossible" beam score: added, not assigned, so t
 CHECK_EVERY = {"cpu": 1, "default": 8}
 
 
-# MKL's packed GEMM (x86 CPU builds of torch), for batched and beam decoding: see packed_weights.
+# Faster kernels for the decoding step's linear layers on CPU (see fast_linears): nanoflant5's own for 1-4 rows
+# (kernels.py), MKL's packed GEMM (x86 CPU builds of torch) for more.
+KERNELS = True  # tests switch them off to compare with MKL
 MKL_PACKING = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
 PACK_ROWS = range(4, 65)  # rows per step where packing measured faster (benchmarks: flan-t5-small)
 PACK_MIN_STEPS = 16
-KEEP_BYTES = 2 ** 31  # compiled decoding keeps packed copies between calls up to this size (see packed_weights)
+KEEP_BYTES = 2 ** 31  # compiled decoding keeps packed copies between calls up to this size (see fast_linears)
 
 
 def check_every(device) -> int:
@@ -99,14 +102,14 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
     the sum of the model's log-probabilities of the generated tokens (</s> included). compile=True runs the decoding
     step through torch.compile (compiled_step): the first call of each kind compiles (15-40 s on CPU for
     flan-t5-small), later ones decode faster (see the README), and batched CPU decoding keeps its packed weights
-    between calls (packed_weights)."""
+    between calls (fast_linears)."""
     g, attention_mask, rng = prepare(model, input_ids, attention_mask, seed, generator, kwargs)
     encoded = model.encode(input_ids, attention_mask)
     B = input_ids.shape[0]
     # copies of each input: its beams, or the sequences sampled from it (transformers repeats the input)
     copies = g.num_beams if g.num_beams > 1 else g.num_return_sequences
     screen = None if return_scores else output_screen(model, g)
-    with packed_weights(model, B * copies, g.new_tokens, output_layer=screen is None, keep=compile):
+    with fast_linears(model, B * copies, g.new_tokens, output_layer=screen is None, keep=compile):
         step, cache = decoder_steps(model, encoded, attention_mask, copies, g.new_tokens + 1, compile, screen)
         if g.num_beams == 1:
             rows, scores = None, None
@@ -130,7 +133,7 @@ def stream(model: T5, input_ids, attention_mask=None, *, seed=None, generator=No
         raise ValueError("streaming supports greedy decoding and sampling with one sequence per input")
     encoded = model.encode(input_ids, attention_mask)
     screen = output_screen(model, g)
-    with packed_weights(model, input_ids.shape[0], g.new_tokens, output_layer=screen is None, keep=compile):
+    with fast_linears(model, input_ids.shape[0], g.new_tokens, output_layer=screen is None, keep=compile):
         step, _ = decoder_steps(model, encoded, attention_mask, 1, g.new_tokens + 1, compile, screen)
         for rows, _ in token_steps(step, input_ids.shape[0], model.config, g, rng, input_ids.device, screen=screen):
             if rows.shape[1] > 1:
@@ -192,38 +195,59 @@ def compiled_step(step, device):
 
 
 @contextmanager
-def packed_weights(model: T5, rows: int, steps: int, output_layer: bool = True, keep: bool = False):
-    """Inside the block, a decoding step's linear layers (self- and cross-attention, feed-forward, output layer) use
-    copies of their weights prepacked for MKL's GEMM with `rows` rows, the number every step feeds, where that pays:
-    CPU, float32, no autocast, 4-64 rows, 16 or more steps. For 4 to 64 rows the packed GEMM makes whole generations
-    1.1-1.3x faster here (1-3 rows: no faster; 128: 1.01x), and packing, which costs about two steps, does not pay
-    for short generations. The copies (~1.35x those weights' memory) are made on entry and dropped on exit, unless
-    keep=True (compiled decoding, which keeps its graphs too) and they take at most KEEP_BYTES (flan-t5-base's: 0.67
-    GB): then they stay with the layers for the next call with the same row count, which uses them only if the
-    weights still have the fingerprints they had when packed, so weights changed between calls (training) never
-    meet a stale copy. Checking costs a quarter of packing; keeping made compiled beam4 b1 decoding 1.05-1.16x faster
-    here, batch 8 up to 1.05x.
+def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, keep: bool = False):
+    """Inside the block, a decoding step's linear layers (self- and cross-attention, feed-forward, output layer) run
+    on faster CPU kernels than F.linear, for the number of rows every step feeds, where that pays: CPU, float32, no
+    autocast, 16 or more steps.
+    - 1-4 rows: kernels.rows_linear (built on first use; see kernels.py), which reads each weight once a step, in
+      order, with software prefetch: whole compiled generations of flan-t5-small 1.0x-1.1x (greedy, 1 row) and
+      1.2x (4 beams, 1 input) faster than MKL's matrix-vector product and packed GEMM.
+    - 4-64 rows (5-64 with the kernels): MKL's GEMM on copies of the weights prepacked for `rows` rows. For 4 to 64
+      rows the packed GEMM makes whole generations 1.1-1.3x faster here (1-3 rows: no faster; 128: 1.01x), and
+      packing, which costs about two steps, does not pay for short generations. The copies (~1.35x those weights'
+      memory) are made on entry and dropped on exit, unless keep=True (compiled decoding, which keeps its graphs
+      too) and they take at most KEEP_BYTES (flan-t5-base's: 0.67 GB): then they stay with the layers for the next
+      call with the same row count, which uses them only if the weights still have the fingerprints they had when
+      packed, so weights changed between calls (training) never meet a stale copy. Checking costs a quarter of
+      packing; keeping made compiled beam4 b1 decoding 1.05-1.16x faster here, batch 8 up to 1.05x.
     output_layer=False: not the output layer (greedy decoding reads it through an OutputScreen)."""
     linears = [model.lm_head] * output_layer + [linear for b in model.decoder.blocks
                                  for linear in (b.attn.qkv, b.attn.o, b.cross.q, b.cross.o, b.ffn.wi, b.ffn.wo)]
-    use = (MKL_PACKING and rows in PACK_ROWS and steps >= PACK_MIN_STEPS and not torch.is_autocast_enabled("cpu")
-           and all(linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32 for linear in linears))
+    cpu32 = (steps >= PACK_MIN_STEPS and not torch.is_autocast_enabled("cpu")
+             and all(linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32 for linear in linears))
+    if cpu32 and KERNELS and rows in kernels.ROWS and all(kernels.fits(linear.weight, rows) for linear in linears):
+        with forwards(linears, _KERNEL_FORWARDS, torch.ops.nanoflant5_cpu.rows_linear):
+            yield
+        return
+    use = cpu32 and MKL_PACKING and rows in PACK_ROWS
     keep = keep and sum(linear.weight.nbytes for linear in linears) * 1.4 <= KEEP_BYTES  # (copies: ~1.35x)
-    packed = []  # (linear, key) of this block's copies
+    packed = []  # keys of this block's copies
     try:
         for linear in linears if use else []:
             w = linear.weight
             key = (w.data_ptr(), w.shape)
             _PACKED[key] = pack(linear, rows, keep), rows
-            packed.append((linear, key))
-            forward = _FORWARDS.get(linear)
-            if forward is None or forward.keywords["weight"] is not w:
-                forward = _FORWARDS[linear] = partial(torch.ops.nanoflant5.packed_linear, weight=w)
-            linear.forward = forward  # the same object every call, so a compiled step's guards still hold
+            packed.append(key)
+        with forwards(linears if use else [], _FORWARDS, torch.ops.nanoflant5.packed_linear if use else None):
+            yield
+    finally:
+        for key in packed:
+            _PACKED.pop(key, None)
+
+
+@contextmanager
+def forwards(linears, cache: weakref.WeakKeyDictionary, op):
+    """Inside the block, each linear layer's forward is op(x, weight=its weight): for each layer and op the same
+    object every call, so a compiled step's guards still hold."""
+    try:
+        for linear in linears:
+            forward = cache.get(linear)
+            if forward is None or forward.keywords["weight"] is not linear.weight:
+                forward = cache[linear] = partial(op, weight=linear.weight)
+            linear.forward = forward
         yield
     finally:
-        for linear, key in packed:
-            _PACKED.pop(key, None)
+        for linear in linears:
             linear.__dict__.pop("forward", None)  # back to nn.Linear.forward
 
 
@@ -231,7 +255,7 @@ _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> (row
 
 
 def pack(linear: nn.Linear, rows: int, keep: bool):
-    """The linear layer's weight packed for `rows` rows: its kept copy if that is still valid (see packed_weights)."""
+    """The linear layer's weight packed for `rows` rows: its kept copy if that is still valid (see fast_linears)."""
     w = linear.weight
     if not keep or not fingerprintable(w):
         return _mkl_pack(w, rows)
@@ -244,9 +268,10 @@ def pack(linear: nn.Linear, rows: int, keep: bool):
 
 
 # The packed linear as an operator of its own, which torch.compile calls as it is (it cannot trace MKL's packed
-# weights). The packed copies are looked up by the weight's address and shape while packed_weights is active.
+# weights). The packed copies are looked up by the weight's address and shape while fast_linears has them.
 _PACKED: dict[tuple, tuple[torch.Tensor, int]] = {}
-_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> its packed forward
+_KERNEL_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> its rows_linear forward
 if MKL_PACKING:
     _mkl_linear, _mkl_pack = torch.ops.mkl._mkl_linear, torch.ops.mkl._mkl_reorder_linear_weight
 

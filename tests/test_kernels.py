@@ -1,0 +1,93 @@
+"""nanoflant5's CPU kernel for decoding 1-4 rows (kernels.rows_linear) against torch's linear, and decoding with it."""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nanoflant5.generate as G
+from helpers import random_batch
+from nanoflant5 import kernels
+from nanoflant5.load import load_model
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler to build the kernel")
+LENGTHS = [7, 3, 12, 5]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_rows_linear_is_the_linear(rows):
+    """Every row count, weights whose row count is not a multiple of the 4 read side by side, 3-D and strided inputs:
+    the float64 product, to float32 rounding (|error| <= K * 2^-24 * sum of |x_k w_k|, with room)."""
+    gen = torch.Generator().manual_seed(rows)
+    for K, N in [(16, 1), (32, 7), (512, 1152), (768, 4097)]:
+        w = torch.randn(N, K, generator=gen)
+        x = torch.randn(rows, 1, 2 * K, generator=gen)[..., ::2]  # (rows, 1, K), not contiguous
+        y = torch.ops.nanoflant5_cpu.rows_linear(x, w)
+        assert y.shape == (rows, 1, N) and y.dtype == torch.float32
+        exact = F.linear(x.double(), w.double())
+        bound = K * 2.0 ** -24 * F.linear(x.double().abs(), w.double().abs())
+        assert ((y.double() - exact).abs() <= 2 * bound + 1e-30).all(), (K, N)
+        assert torch.equal(torch.ops.nanoflant5_cpu.rows_linear(x, w), y)  # the same order every call
+    with pytest.raises(RuntimeError, match="1-4 rows"):
+        torch.ops.nanoflant5_cpu.rows_linear(torch.randn(5, 16), torch.randn(3, 16))
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        torch.ops.nanoflant5_cpu.rows_linear(torch.randn(1, 24), torch.randn(3, 24))
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.nanoflant5_cpu.rows_linear(torch.randn(1, 16, dtype=torch.float64), torch.randn(3, 16))
+
+
+def test_decoding_with_the_kernel_gives_torchs_rows(checkpoint, monkeypatch):
+    """float32 on CPU, 1-4 rows a step: the decoder's and output layer's linears run rows_linear (fast_linears), and
+    generate gives the rows of decoding with torch's kernels (scores to float32 rounding): greedy (1 and 4 inputs),
+    beams (4 beams of 1 input, 2 of 2), compiled and eager. Afterwards the layers are plain nn.Linear again."""
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = load_model(folder, dtype=torch.float32)
+    with G.fast_linears(model, 3, 16):
+        step_linears = [linear for b in model.decoder.blocks for linear in (b.attn.qkv, b.cross.o, b.ffn.wo)]
+        assert all(m.forward.func is torch.ops.nanoflant5_cpu.rows_linear for m in step_linears + [model.lm_head])
+    with G.fast_linears(model, 3, 15):  # too few steps to be worth a build on first use: torch's kernels
+        assert not any("forward" in m.__dict__ for m in model.modules())
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    ids, mask = random_batch(96, LENGTHS, seed=11)
+    for sl, kw in [(slice(0, 1), {}), (slice(0, 4), {}), (slice(0, 1), dict(num_beams=4)),
+                   (slice(1, 3), dict(num_beams=2, num_return_sequences=2))]:
+        args = ids[sl], mask[sl]
+        for compile in (False, True):
+            rows, scores = model.generate(*args, max_new_tokens=16, return_scores=True, compile=compile, **kw)
+            monkeypatch.setattr(G, "KERNELS", False)
+            torch_rows, torch_scores = model.generate(*args, max_new_tokens=16, return_scores=True, **kw)
+            monkeypatch.setattr(G, "KERNELS", True)
+            assert torch.equal(rows, torch_rows), (kw, compile)
+            torch.testing.assert_close(scores, torch_scores, rtol=1e-4, atol=1e-4)
+            greedy = model.generate(*args, max_new_tokens=16, compile=compile, **kw)  # the int8 screen, for greedy
+            assert torch.equal(greedy, rows), (kw, compile)
+
+
+def test_kernel_without_compiler_falls_back(tmp_path, checkpoint):
+    """No C++ compiler (and nothing built before): one warning, then decoding with torch's kernels, same rows."""
+    folder, _ = checkpoint("gated-gelu-untied")
+    script = f"""
+import warnings, torch
+from nanoflant5.load import load_model
+import nanoflant5.generate as G
+model = load_model({str(folder)!r}, dtype=torch.float32)
+ids = torch.tensor([[5, 9, 14, 3, 1]])
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    rows = [model.generate(ids, max_new_tokens=16, num_beams=2) for _ in range(2)]
+G.KERNELS = False
+assert torch.equal(rows[0], model.generate(ids, max_new_tokens=16, num_beams=2)) and torch.equal(rows[0], rows[1])
+print("|".join(str(w.message) for w in caught))
+"""
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), CXX=str(tmp_path / "no-compiler"))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    messages = out.stdout.strip().split("|")
+    assert len(messages) == 1 and messages[0].startswith("nanoflant5's CPU kernel did not build"), messages
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kernels.available()  # this process's build is unaffected
