@@ -215,20 +215,22 @@ def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, ke
                                  for linear in (b.attn.qkv, b.attn.o, b.cross.q, b.cross.o, b.ffn.wi, b.ffn.wo)]
     cpu32 = (steps >= PACK_MIN_STEPS and not torch.is_autocast_enabled("cpu")
              and all(linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32 for linear in linears))
-    if cpu32 and KERNELS and rows in kernels.ROWS and all(kernels.fits(linear.weight, rows) for linear in linears):
+    if cpu32 and KERNELS and all(kernels.fits(linear.weight, rows) for linear in linears):
         with forwards(linears, _KERNEL_FORWARDS, torch.ops.nanoflant5_cpu.rows_linear):
             yield
         return
-    use = cpu32 and MKL_PACKING and rows in PACK_ROWS
+    if not (cpu32 and MKL_PACKING and rows in PACK_ROWS):
+        yield
+        return
     keep = keep and sum(linear.weight.nbytes for linear in linears) * 1.4 <= KEEP_BYTES  # (copies: ~1.35x)
     packed = []  # keys of this block's copies
     try:
-        for linear in linears if use else []:
+        for linear in linears:
             w = linear.weight
             key = (w.data_ptr(), w.shape)
             _PACKED[key] = pack(linear, rows, keep), rows
             packed.append(key)
-        with forwards(linears if use else [], _FORWARDS, torch.ops.nanoflant5.packed_linear if use else None):
+        with forwards(linears, _FORWARDS, torch.ops.nanoflant5.packed_linear):
             yield
     finally:
         for key in packed:

@@ -1,10 +1,11 @@
 """A small CPU kernel (kernels.cpp) for decoding a few rows at a time, built with the C++ compiler on first use.
 
 Decoding 1-4 rows reads every weight once per step, so a step is as fast as the weights stream from memory. MKL's
-matrix-vector product streams them at ~27 GB/s on this project's 2-core machine, and its GEMM at 4 rows at ~21 GB/s;
-reading each weight row once, four rows side by side, with software prefetch 12 KB ahead (Intel's optimization
-manual, "software prefetch"), rows_linear streams at ~29 GB/s for 1 row and ~25 GB/s for 4 (flan-t5-small's
-decoder and output layer: 5.5 vs 6.0 ms at 1 row, 6.3 vs 7.5 ms packed at 4; flan-t5-base 4 rows: 18.6 vs 27 ms).
+matrix-vector product streams them at ~26 GB/s on this project's 2-core machine, and its packed GEMM at 4 rows at
+~20 GB/s; reading each weight row once, four rows side by side, with software prefetch 12 KB ahead (Intel's
+optimization manual, "software prefetch"), rows_linear streams at ~28 GB/s for 1 row and ~23 GB/s for 4
+(flan-t5-small's decoder and output layer, 154 MB: 5.5 vs 5.85-6.0 ms at 1 row, 6.6-6.7 vs 7.5-7.7 ms packed at 4;
+flan-t5-base at 4 rows: 18.6 vs 27 ms).
 Each output is the sum of 16 strided partial sums (a fixed order), so results differ from MKL's in the last bits, as
 MKL's own kernels do from one another.
 
@@ -40,7 +41,8 @@ def _build() -> bool:
     try:
         from torch.utils import cpp_extension
         native = ["-march=native"] if platform.machine().lower() in ("x86_64", "amd64") else []
-        cpp_extension.load(name=f"nanoflant5_kernels_{cpu_tag()}", sources=[os.path.join(os.path.dirname(__file__), "kernels.cpp")],
+        source = os.path.join(os.path.dirname(__file__), "kernels.cpp")
+        cpp_extension.load(name=f"nanoflant5_kernels_{cpu_tag()}", sources=[source],
                            extra_cflags=["-O3", "-ffp-contract=fast", "-fopenmp", *native],
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, an unsupported platform: torch's kernels
