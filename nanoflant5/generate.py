@@ -108,7 +108,7 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
     B = input_ids.shape[0]
     # copies of each input: its beams, or the sequences sampled from it (transformers repeats the input)
     copies = g.num_beams if g.num_beams > 1 else g.num_return_sequences
-    screen = None if return_scores else output_screen(model, g)
+    screen = None if return_scores else output_screen(model, g, B * copies)
     with fast_linears(model, B * copies, g.new_tokens, output_layer=screen is None, keep=compile):
         step, cache = decoder_steps(model, encoded, attention_mask, copies, g.new_tokens + 1, compile, screen)
         if g.num_beams == 1:
@@ -132,7 +132,7 @@ def stream(model: T5, input_ids, attention_mask=None, *, seed=None, generator=No
     if g.num_beams != 1 or g.num_return_sequences != 1:
         raise ValueError("streaming supports greedy decoding and sampling with one sequence per input")
     encoded = model.encode(input_ids, attention_mask)
-    screen = output_screen(model, g)
+    screen = output_screen(model, g, input_ids.shape[0])
     with fast_linears(model, input_ids.shape[0], g.new_tokens, output_layer=screen is None, keep=compile):
         step, _ = decoder_steps(model, encoded, attention_mask, 1, g.new_tokens + 1, compile, screen)
         for rows, _ in token_steps(step, input_ids.shape[0], model.config, g, rng, input_ids.device, screen=screen):
@@ -300,10 +300,10 @@ OUTLIERS = 8  # channels of the output layer's input that the screen multiplies 
 _SCREENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lm_head -> its OutputScreen
 
 
-def output_screen(model: T5, g: GenerationConfig):
+def output_screen(model: T5, g: GenerationConfig, rows: int):
     """The OutputScreen of the model's output layer for greedy decoding (no beams, no sampling) on CPU in float32 or
     float64 (16 or more steps; a plain bias-free nn.Linear without hooks), else None. It is made on first use and kept
-    while the weights keep their fingerprint."""
+    while the weights keep their fingerprint. rows: per step; 1-8 take kernels.int8_rows where it is built."""
     lm_head = model.lm_head
     w = lm_head.weight
     if (not SCREEN or g.num_beams > 1 or g.do_sample or g.new_tokens < SCREEN_MIN_STEPS
@@ -317,6 +317,8 @@ def output_screen(model: T5, g: GenerationConfig):
     if screen is None or screen.q_t.shape != w.shape[::-1] or not screen.fingerprint_matches(w):
         screen = _SCREENS[lm_head] = OutputScreen(w)
     screen.weight = w
+    screen.kernel = (KERNELS and rows in kernels.INT8_ROWS and w.shape[1] <= 65536 and kernels.available()
+                     and kernels.INT8)
     return screen if screen.usable else None
 
 
@@ -356,7 +358,8 @@ class OutputScreen:
 
     W_i = s_i q_i + e_i (int8 q_i, per-token scale s_i) and x = x_hat + e_x, where x_hat is r q_x (int8 q_x, per-row
     scale r) but in the few channels with the largest entries, where it keeps x in float32. The exact integer product
-    q_x . q_i (torch._int_mm) plus those channels' products give approx_i = s_i x_hat . q_i, and by Cauchy-Schwarz
+    q_x . q_i (kernels.int8_rows or torch._int_mm) plus those channels' products give approx_i = s_i x_hat . q_i, and
+    by Cauchy-Schwarz
         |x . W_i - approx_i| = |x . e_i + s_i e_x . q_i| <= ||x|| ||e_i|| + ||e_x|| ||s_i q_i||,
     plus floating-point rounding (at most K * 2^-22 + 1e-6 of ||x|| ||W_i|| here, in any summation order; Higham,
     "Accuracy and Stability of Numerical Algorithms", ch. 3). With that bound b_i, every processed score lies in
@@ -386,9 +389,11 @@ class OutputScreen:
         # the most by which ||x|| can grow in an intermediate: ||W_i|| + ||e_i|| (approx, b), 127 sqrt(K) (x_hat . q_i);
         # a tensor, so that a compiled step does not specialize on its value
         self.growth = torch.tensor(max(float(self.norms[1].max()), 127 * w.shape[1] ** 0.5), dtype=torch.float64)
-        self.q_t = q.to(torch.int8).t()  # (K, vocab): the layout _int_mm reads fastest for one row
+        self.q = q.to(torch.int8)  # (vocab, K)
+        self.q_t = self.q.t()  # (K, vocab): the layout _int_mm reads fastest for one row
         self.q_rows = self.q_t.contiguous()  # the same, row by row: the outlying entries' rows are read from it
         self.rounding = w.shape[1] * 2.0 ** -22 + 1e-6
+        self.kernel = False  # whether bounds() multiplies with kernels.int8_rows, else torch._int_mm (output_screen)
 
     def fingerprint_matches(self, weight) -> bool:
         return same(fingerprint(weight, self.probe), self.fingerprint)
@@ -410,7 +415,7 @@ class OutputScreen:
         """The tokens (ascending) that may be some row's greedy choice, or None: take the full output layer. Processes
         the bounds' tensors in place."""
         x, lower, upper, ok = bounds
-        if not int_mm_exact(*x.shape, self.q_t.shape[1]) or not bool(ok):
+        if not (self.kernel or int_mm_exact(*x.shape, self.q_t.shape[1])) or not bool(ok):
             return None
         # each row's largest lower end, clamped to finite (the float32 minimum for a row where every token is masked:
         # that row then adds no candidates, and gets token 0 from the -inf logits as from the full layer)
@@ -449,7 +454,9 @@ class OutputScreen:
         # (rounding in float32's subnormal range is absolute, at most 2^-150 an operation)
         c = 1 + 1e-5
         b = torch.stack([a * c, (e_x + self.rounding * a) * c, torch.ones_like(a)], 1).float() @ self.norms
-        approx = torch._int_mm(q_x.to(torch.int8), self.q_t) * r  # (M, vocab), / s_i
+        q_x = q_x.to(torch.int8)
+        product = torch.ops.nanoflant5_cpu.int8_rows(q_x, self.q) if self.kernel else torch._int_mm(q_x, self.q_t)
+        approx = product * r  # (M, vocab), / s_i
         rows = self.q_rows.index_select(0, out)  # (OUTLIERS, vocab)
         if torch.compiler.is_compiling():  # term by term: the compiled step adds them all in one pass
             for j in range(len(rows)):

@@ -1,12 +1,19 @@
-// A CPU kernel for decoding a few rows at a time: rows_linear(x (..., K), w (N, K)) = x @ w.T for float32 x of 1-4
-// rows, reading the weight once, in order, with software prefetch. Built on first use by nanoflant5/kernels.py
-// (torch.utils.cpp_extension); see there for why and how much.
+// CPU kernels for decoding a few rows at a time, each reading the weight once, in order, with software prefetch:
+// - rows_linear(x (..., K), w (N, K)) = x @ w.T for float32 x of 1-4 rows;
+// - int8_rows(x (M, K), w (N, K)) = x @ w.T exactly in int32 for int8 x of 1-8 rows and int8 w (the greedy output
+//   layer's int8 screen), where the CPU has AVX-512 VNNI.
+// Built on first use by nanoflant5/kernels.py (torch.utils.cpp_extension); see there for why and how much.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cstring>
+#include <vector>
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define INT8_ROWS 1
+#endif
 
 namespace {
 
@@ -75,12 +82,88 @@ at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
+#ifdef INT8_ROWS
+// y[r, n:n+nb] for rows r < R of x (R, K) and int8 weight rows n..n+nb of w (N, K), with x given as x + 128 (uint8):
+// VNNI multiplies uint8 by int8 (vpdpbusd: four products added into each int32 lane, exactly), so it computes
+// (x + 128) . w_n and, with a vector of ones, 128 sum(w_n), the difference being x . w_n. |(x + 128) . w_n| <=
+// K * 255 * 127 stays within int32 for K <= 65536 (checked below).
+template <int R, int nb>
+inline void block8(const uint8_t* xu, const int8_t* w, int32_t* y, int64_t K, int64_t N, int64_t n) {
+  __m512i acc[R][nb], sums[nb];
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int b = 0; b < nb; b++) {
+    sums[b] = _mm512_setzero_si512();
+    for (int r = 0; r < R; r++) acc[r][b] = _mm512_setzero_si512();
+  }
+  const int8_t* wn = w + n * K;
+  for (int64_t k = 0; k < K; k += 64) {
+    const __mmask64 in = K - k >= 64 ? ~__mmask64(0) : (__mmask64(1) << (K - k)) - 1;  // the last block's tail
+    __m512i wv[nb];
+    for (int b = 0; b < nb; b++) {
+      wv[b] = _mm512_maskz_loadu_epi8(in, wn + b * K + k);
+      _mm_prefetch(reinterpret_cast<const char*>(wn + b * K + k) + AHEAD, _MM_HINT_T0);
+      sums[b] = _mm512_dpbusd_epi32(sums[b], ones, wv[b]);
+    }
+    for (int r = 0; r < R; r++) {
+      const __m512i xv = _mm512_maskz_loadu_epi8(in, xu + r * K + k);
+      for (int b = 0; b < nb; b++) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], xv, wv[b]);
+    }
+  }
+  for (int b = 0; b < nb; b++) {
+    const int32_t offset = 128 * _mm512_reduce_add_epi32(sums[b]);
+    for (int r = 0; r < R; r++) y[r * N + n + b] = _mm512_reduce_add_epi32(acc[r][b]) - offset;
+  }
+}
+
+template <int R>
+void rows8(const uint8_t* x, const int8_t* w, int32_t* y, int64_t K, int64_t N) {
+  constexpr int nb = R <= 4 ? NB : 2;  // 5-8 rows: 2 weight rows side by side, so the sums stay in registers
+  at::parallel_for(0, N / nb, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) block8<R, nb>(x, w, y, K, N, b * nb);
+  });
+  for (int64_t n = N / nb * nb; n < N; n++) block8<R, 1>(x, w, y, K, N, n);
+}
+
+at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.scalar_type() == at::kChar && w.scalar_type() == at::kChar && x.device().is_cpu() &&
+              w.device().is_cpu(), "int8_rows: int8 CPU tensors expected");
+  int64_t K = w.size(1), N = w.size(0), M = x.size(0);
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.is_contiguous() && x.size(1) == K && K <= 65536,
+              "int8_rows: x (M, K) and a contiguous weight (N, K) with K <= 65536 expected");
+  at::Tensor xc = x.contiguous();
+  const int8_t* xp = xc.data_ptr<int8_t>();
+  std::vector<uint8_t> xu(M * K);  // x + 128
+  for (int64_t i = 0; i < M * K; i++) xu[i] = uint8_t(int(xp[i]) + 128);
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kInt));
+  const int8_t* wp = w.data_ptr<int8_t>();
+  int32_t* yp = y.data_ptr<int32_t>();
+  switch (M) {
+    case 1: rows8<1>(xu.data(), wp, yp, K, N); break;
+    case 2: rows8<2>(xu.data(), wp, yp, K, N); break;
+    case 3: rows8<3>(xu.data(), wp, yp, K, N); break;
+    case 4: rows8<4>(xu.data(), wp, yp, K, N); break;
+    case 5: rows8<5>(xu.data(), wp, yp, K, N); break;
+    case 6: rows8<6>(xu.data(), wp, yp, K, N); break;
+    case 7: rows8<7>(xu.data(), wp, yp, K, N); break;
+    case 8: rows8<8>(xu.data(), wp, yp, K, N); break;
+    default: TORCH_CHECK(false, "int8_rows: 1-8 rows expected, got ", M);
+  }
+  return y;
+}
+#endif
+
 }  // namespace
 
 TORCH_LIBRARY(nanoflant5_cpu, m) {
   m.def("rows_linear(Tensor x, Tensor weight) -> Tensor");
+#ifdef INT8_ROWS
+  m.def("int8_rows(Tensor x, Tensor weight) -> Tensor");
+#endif
 }
 
 TORCH_LIBRARY_IMPL(nanoflant5_cpu, CPU, m) {
   m.impl("rows_linear", &rows_linear);
+#ifdef INT8_ROWS
+  m.impl("int8_rows", &int8_rows);
+#endif
 }

@@ -40,6 +40,28 @@ def test_rows_linear_is_the_linear(rows):
         torch.ops.nanoflant5_cpu.rows_linear(torch.randn(1, 16, dtype=torch.float64), torch.randn(3, 16))
 
 
+@pytest.mark.skipif(not kernels.INT8, reason="int8_rows is built for CPUs with AVX-512 VNNI")
+def test_int8_rows_is_exact():
+    """int8_rows against the exact product (float64 holds these sums exactly): every row count, the int8 extremes,
+    weights whose row count is not a multiple of the 4 read side by side, columns that are not a multiple of 64."""
+    gen = torch.Generator().manual_seed(0)
+    for K, N in [(1, 1), (7, 3), (64, 5), (130, 37), (512, 4099)]:
+        w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen)
+        w[0] = 127
+        w[-1] = -128
+        for M in kernels.INT8_ROWS:
+            x = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=gen)
+            x[0] = -128
+            x[-1] = 127
+            y = torch.ops.nanoflant5_cpu.int8_rows(x, w)
+            assert y.dtype == torch.int32 and y.shape == (M, N)
+            assert torch.equal(y.double(), x.double() @ w.double().t()), (K, N, M)
+    with pytest.raises(RuntimeError, match="1-8 rows"):
+        torch.ops.nanoflant5_cpu.int8_rows(torch.zeros(9, 64, dtype=torch.int8), torch.zeros(3, 64, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="int8"):
+        torch.ops.nanoflant5_cpu.int8_rows(torch.zeros(1, 64), torch.zeros(3, 64, dtype=torch.int8))
+
+
 def test_decoding_with_the_kernel_gives_torchs_rows(checkpoint, monkeypatch):
     """float32 on CPU, 1-4 rows a step: the decoder's and output layer's linears run rows_linear (fast_linears), and
     generate gives the rows of decoding with torch's kernels (scores to float32 rounding): greedy (1 and 4 inputs),

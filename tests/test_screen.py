@@ -8,11 +8,15 @@ import torch.nn.functional as F
 
 import nanoflant5.generate as G
 from helpers import random_batch
+from nanoflant5 import kernels
 from nanoflant5.config import GenerationConfig
 from nanoflant5.load import load_model
 
 LENGTHS = [7, 3, 12, 5, 20, 9]
 pytestmark = pytest.mark.skipif(not G.SCREEN, reason="torch without torch._int_mm")
+# the int8 product through torch._int_mm, and through kernels.int8_rows where it is built (AVX-512 VNNI)
+PRODUCTS = [False] + [pytest.param(True, marks=pytest.mark.skipif(not (kernels.available() and kernels.INT8),
+                                                                   reason="int8_rows not built here"))]
 
 
 def full_argmax(x, w, process):
@@ -30,17 +34,20 @@ def processors(top, vocab, t=6):
         yield partial(G.process_scores, tokens=tokens, t=t, g=g, eos=1, min_keep=1)
 
 
+@pytest.mark.parametrize("kernel", PRODUCTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_screen_picks_the_full_layers_token(dtype):
+def test_screen_picks_the_full_layers_token(dtype, kernel):
     """Random layers and inputs, including near-ties the int8 products cannot separate (tokens whose weights differ
     by ~1e-6), outlying input entries and an input of zeros: the screened token is the full layer's, and (but for
-    the zeros, where every token ties) only a handful of tokens per row get full-precision logits."""
+    the zeros, where every token ties) only a handful of tokens per row get full-precision logits. The same with
+    the int8 product through kernels.int8_rows."""
     gen = torch.Generator().manual_seed(0)
     vocab, K = 4000, 128
     w = (torch.randn(vocab, K, generator=gen) * 0.05).to(dtype)
     w[1::2] = w[0::2] + 1e-6 * torch.randn(vocab // 2, K, generator=gen, dtype=dtype)  # pairs of near-twins
     w[7] *= 100  # a token with a large scale
     screen = G.OutputScreen(w)
+    screen.kernel = kernel
     for M in (1, 3, 8, 2):
         x = torch.randn(M, K, generator=gen, dtype=dtype)
         if M == 3:
@@ -116,9 +123,11 @@ def test_screen_bound_holds_and_is_tight(dtype):
 
 def test_compiled_bounds_hold():
     """bounds() compiled (as the compiled decoding step computes it, adding the outlying channels' products term by
-    term) holds as eagerly, for inputs whose largest entries would otherwise set a coarse int8 scale."""
+    term) holds as eagerly, for inputs whose largest entries would otherwise set a coarse int8 scale; with the int8
+    product through kernels.int8_rows (where built), the same bounds bit for bit (both products are exact), for
+    several row counts through one compilation."""
     gen = torch.Generator().manual_seed(3)
-    vocab, K = 1000, 128
+    vocab, K = 1000, 120
     w = torch.randn(vocab, K, generator=gen) * 0.05
     screen = G.OutputScreen(w)
     x = torch.randn(3, K, generator=gen)
@@ -128,6 +137,14 @@ def test_compiled_bounds_hold():
     for _, lower, upper, ok in (compiled(x), screen.bounds(x)):
         assert ok and (lower <= logits).all() and (logits <= upper).all()
         assert ((upper - lower) / 2).amax() < 0.05 * logits.abs().amax()  # tight: the outlying channels in float
+    if not (kernels.available() and kernels.INT8):
+        return
+    for rows in (x, x[:2], torch.cat([x, x, x[:2]])):  # 3, 2 and 8 rows
+        want = screen.bounds(rows), compiled(rows)
+        screen.kernel = True
+        for got, expected in zip((screen.bounds(rows), compiled(rows)), want):
+            assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        screen.kernel = False
 
 
 def test_screen_falls_back_where_it_must(monkeypatch):
@@ -235,18 +252,18 @@ def test_screen_only_for_a_plain_output_layer(checkpoint):
     model = load_model(folder, dtype=torch.float32)
     ids, mask = random_batch(96, LENGTHS, seed=14)
     greedy = model.generation_config.update(max_new_tokens=20)
-    assert G.output_screen(model, greedy) is not None  # greedy of 16+ steps only:
+    assert G.output_screen(model, greedy, 1) is not None  # greedy of 16+ steps only:
     for kw in [dict(max_new_tokens=15), dict(num_beams=2), dict(do_sample=True)]:
-        assert G.output_screen(model, greedy.update(**kw)) is None
+        assert G.output_screen(model, greedy.update(**kw), 1) is None
     handle = model.lm_head.register_forward_hook(lambda m, i, out: out.index_fill(-1, torch.tensor([1]), -1e9))
-    assert G.output_screen(model, greedy) is None
+    assert G.output_screen(model, greedy, 1) is None
     assert not (model.generate(ids, mask, max_new_tokens=20)[:, 1:] == 1).any()  # the hook banned </s>
     handle.remove()
     w = model.lm_head.weight.detach()
     with torch.no_grad():
         model.lm_head.weight = torch.nn.Parameter(torch.cat([w.new_zeros(1), w.flatten()])[1:].view_as(w))
-    assert G.output_screen(model, greedy) is None
+    assert G.output_screen(model, greedy, 1) is None
     rows = model.generate(ids, mask, max_new_tokens=20)
     model.lm_head.weight = torch.nn.Parameter(w)  # the same values, aligned: the screen's rows
-    assert G.output_screen(model, greedy) is not None
+    assert G.output_screen(model, greedy, 1) is not None
     assert torch.equal(model.generate(ids, mask, max_new_tokens=20), rows)
