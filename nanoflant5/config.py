@@ -133,6 +133,9 @@ class GenerationConfig:
     no_repeat_ngram_size: int = 0
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    bad_words_ids: list[list[int]] | None = None  # token sequences never generated ([eos] is ignored)
+    suppress_tokens: list[int] | None = None  # tokens never generated
+    begin_suppress_tokens: list[int] | None = None  # tokens not generated first
 
     @classmethod
     def from_dict(cls, d: dict) -> "GenerationConfig":
@@ -195,3 +198,22 @@ class GenerationConfig:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature!r}")
         if not self.repetition_penalty > 0.0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if self.bad_words_ids is not None and not (
+                isinstance(self.bad_words_ids, (list, tuple)) and self.bad_words_ids
+                and all(isinstance(seq, (list, tuple)) and seq and all(token_id(t) for t in seq)
+                        for seq in self.bad_words_ids)):
+            raise ValueError(f"bad_words_ids must be a non-empty list of non-empty lists of token ids, got "
+                             f"{self.bad_words_ids!r}")
+        for name in ("suppress_tokens", "begin_suppress_tokens"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (list, tuple)) and all(token_id(t) for t in value)):
+                raise ValueError(f"{name} must be a list of token ids, got {value!r}")
+
+    def banned_ids(self) -> set[int]:
+        """Every token id the settings ban somewhere (to check against the vocabulary)."""
+        lists = [*(self.bad_words_ids or []), self.suppress_tokens or [], self.begin_suppress_tokens or []]
+        return {t for ids in lists for t in ids}
+
+
+def token_id(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0

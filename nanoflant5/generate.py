@@ -12,7 +12,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from contextlib import contextmanager
-from functools import partial
+from functools import lru_cache, partial
 
 import torch
 import torch.nn.functional as F
@@ -55,12 +55,18 @@ def process_scores(scores, tokens, t: int, g: GenerationConfig, eos: int, min_ke
     if n > 0 and t + 1 >= n:  # ban tokens that would repeat an n-gram: windows whose first n-1 tokens end the row
         windows = tokens.unfold(1, n, 1)  # (N, t+2-n, n)
         match = (windows[..., :-1] == tokens[:, t + 2 - n:].unsqueeze(1)).all(-1)
-        V = scores.shape[-1]
-        banned = torch.zeros(scores.shape[0], V + 1, dtype=torch.bool, device=scores.device)
-        banned.scatter_(1, torch.where(match, windows[..., -1], V), True)
-        scores.masked_fill_(banned[:, :V], float("-inf"))
+        ban(scores, torch.where(match, windows[..., -1], scores.shape[-1]))
+    if g.bad_words_ids:  # ban each sequence's last token in rows that end with the rest of it
+        for prefixes, last in bad_words(tuple(map(tuple, g.bad_words_ids)), eos, scores.device):
+            n = prefixes.shape[1]
+            if n <= tokens.shape[1]:
+                match = (tokens[:, None, tokens.shape[1] - n:] == prefixes).all(-1)  # (N, sequences)
+                ban(scores, torch.where(match, last, scores.shape[-1]))
     if t < g.min_tokens:
         scores[:, eos] = float("-inf")
+    for suppressed in (g.suppress_tokens, g.begin_suppress_tokens if t == 0 else None):
+        if suppressed:
+            scores.index_fill_(1, torch.tensor(suppressed, device=scores.device), float("-inf"))
     if g.do_sample:
         if g.temperature != 1.0:
             scores.div_(g.temperature)
@@ -75,11 +81,35 @@ def process_scores(scores, tokens, t: int, g: GenerationConfig, eos: int, min_ke
     return scores
 
 
+def ban(scores, tokens):
+    """scores[i, tokens[i, j]] = -inf in place, for tokens (N, k); the vocabulary size as a token bans nothing."""
+    V = scores.shape[-1]
+    banned = torch.zeros(scores.shape[0], V + 1, dtype=torch.bool, device=scores.device)
+    banned.scatter_(1, tokens, True)
+    scores.masked_fill_(banned[:, :V], float("-inf"))
+
+
+@lru_cache(maxsize=16)
+def bad_words(sequences: tuple[tuple[int, ...], ...], eos: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """bad_words_ids grouped by length, as transformers' NoBadWordsLogitsProcessor matches them: for each group, the
+    sequences' prefixes (S, n) (n = 0: banned everywhere) and last tokens (S, 1). [eos] alone is dropped, as there."""
+    groups: dict[int, list] = {}
+    for seq in sequences:
+        if seq != (eos,):
+            groups.setdefault(len(seq) - 1, []).append(seq)
+    return [(torch.tensor([seq[:-1] for seq in group], device=device).view(len(group), n),
+             torch.tensor([seq[-1] for seq in group], device=device)) for n, group in groups.items()]
+
+
 def prepare(model: T5, input_ids, attention_mask, seed, generator, kwargs):
     """The generation settings (checkpoint defaults, then kwargs), the attention mask, and the random stream
     (None: torch's global one, as transformers uses)."""
     g = model.generation_config.update(**kwargs)
     g.check()
+    beyond = sorted(t for t in g.banned_ids() if t >= model.config.vocab_size)
+    if beyond:
+        raise ValueError(f"bad_words_ids/suppress_tokens/begin_suppress_tokens name tokens beyond the vocabulary "
+                         f"({model.config.vocab_size}): {beyond}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be 2-D [batch, length], got shape {list(input_ids.shape)}")
     if attention_mask is None:
@@ -96,7 +126,8 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
     """Rows [batch * num_return_sequences, length]: the decoder start token, the generated tokens, </s> where the
     model ended, then padding. Arguments as transformers' generate(): max_new_tokens, max_length, min_new_tokens,
     min_length, do_sample, num_beams, num_return_sequences, temperature, top_k, top_p, repetition_penalty,
-    no_repeat_ngram_size, length_penalty, early_stopping; defaults from the checkpoint's generation config.
+    no_repeat_ngram_size, bad_words_ids, suppress_tokens, begin_suppress_tokens, length_penalty, early_stopping;
+    defaults from the checkpoint's generation config.
     seed or generator makes sampling repeatable. return_scores=True also returns a float32 score per row: for beam
     search transformers' sequence score (sum of processed log-probabilities / length**length_penalty), otherwise
     the sum of the model's log-probabilities of the generated tokens (</s> included). compile=True runs the decoding

@@ -46,6 +46,39 @@ def test_penalty_grid_matches_transformers(pair):
         assert same_as_transformers(model, ref, ids, mask, max_new_tokens=20, **kw), kw
 
 
+def test_banned_tokens_match_transformers(pair):
+    """bad_words_ids (single tokens, and pairs and triples taken from the unconstrained output, so that they would
+    occur; [eos] alone, which transformers ignores), suppress_tokens and begin_suppress_tokens: transformers' rows
+    for greedy (through the int8 screen, and compiled), beam search and sampling, and no banned sequence in them;
+    bad values refused."""
+    model, ref = pair
+    ids, mask = random_batch(96, LENGTHS, seed=12)
+    free = model.generate(ids, mask, max_new_tokens=16)
+    row = free[1, 1:].tolist()  # the longest row
+    settings = [
+        dict(bad_words_ids=[[row[0]], [row[3], row[4]], free[3, 2:5].tolist(), [1]]),
+        dict(suppress_tokens=[row[1], row[2], 5]),
+        dict(begin_suppress_tokens=free[:, 1].tolist(), bad_words_ids=[[free[5, 3].item(), free[5, 4].item()]]),
+    ]
+    for kw in settings:
+        for extra in [dict(), dict(num_beams=3, num_return_sequences=2), dict(min_new_tokens=4),
+                      dict(do_sample=True, top_k=0)]:
+            assert same_as_transformers(model, ref, ids, mask, seed=3, max_new_tokens=16, **kw, **extra), (kw, extra)
+        got = model.generate(ids, mask, max_new_tokens=16, **kw)
+        assert torch.equal(got, model.generate(ids, mask, max_new_tokens=16, compile=True, **kw))
+        assert not torch.equal(got, free)
+        text = [r[1:].tolist() for r in got]
+        for seq in kw.get("bad_words_ids", []):
+            if seq != [1]:
+                assert not any(r[i:i + len(seq)] == seq for r in text for i in range(len(r))), seq
+        assert not any(set(r) & set(kw.get("suppress_tokens", [])) for r in text)
+        assert not set(got[:, 1].tolist()) & set(kw.get("begin_suppress_tokens", []))
+    for bad in [dict(bad_words_ids=[]), dict(bad_words_ids=[[3], []]), dict(bad_words_ids=[3]),
+                dict(suppress_tokens=[-1]), dict(begin_suppress_tokens=[2.0]), dict(suppress_tokens=[96])]:
+        with pytest.raises(ValueError, match="bad_words_ids|suppress_tokens"):
+            model.generate(ids, mask, max_new_tokens=4, **bad)
+
+
 @pytest.mark.parametrize("kw", [
     dict(), dict(temperature=0.7), dict(top_k=5), dict(top_p=0.6), dict(temperature=1.5, top_k=20, top_p=0.9),
     dict(top_k=0, num_return_sequences=3), dict(repetition_penalty=1.3, no_repeat_ngram_size=2),
