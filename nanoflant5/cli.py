@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float)
     g.add_argument("--top-k", "--top_k", dest="top_k", type=int, help="sampling: keep the k most likely (0: all)")
     g.add_argument("--top-p", "--top_p", dest="top_p", type=float, help="sampling: nucleus mass in (0, 1]")
+    g.add_argument("--min-p", "--min_p", dest="min_p", type=float,
+                   help="sampling: drop tokens below this fraction of the likeliest's probability")
+    g.add_argument("--typical-p", "--typical_p", dest="typical_p", type=float, help="sampling: typical mass")
+    g.add_argument("--epsilon-cutoff", "--epsilon_cutoff", dest="epsilon_cutoff", type=float,
+                   help="sampling: drop tokens less likely than this")
+    g.add_argument("--eta-cutoff", "--eta_cutoff", dest="eta_cutoff", type=float, help="sampling: eta sampling")
     g.add_argument("--seed", type=int, help="sampling: seed for repeatable output")
     g.add_argument("--repetition-penalty", "--repetition_penalty", dest="repetition_penalty", type=float)
     g.add_argument("--no-repeat-ngram-size", "--no_repeat_ngram_size", dest="no_repeat_ngram_size", type=int)
@@ -129,8 +135,8 @@ def read_prompts(args) -> list[str]:
 
 
 GENERATION_ARGS = ("max_new_tokens", "min_new_tokens", "num_beams", "num_return_sequences", "length_penalty",
-                   "early_stopping", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
-                   "no_repeat_ngram_size")
+                   "early_stopping", "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p",
+                   "epsilon_cutoff", "eta_cutoff", "repetition_penalty", "no_repeat_ngram_size")
 
 
 def generation_settings(args, defaults):

@@ -129,6 +129,10 @@ class GenerationConfig:
     temperature: float = 1.0
     top_k: int = 50  # sampling only; 0 turns it off
     top_p: float = 1.0
+    min_p: float | None = None  # sampling: see process_scores for these four
+    typical_p: float = 1.0
+    epsilon_cutoff: float = 0.0
+    eta_cutoff: float = 0.0
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     length_penalty: float = 1.0
@@ -194,6 +198,13 @@ class GenerationConfig:
             raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not self.typical_p > 0.0:
+            raise ValueError(f"typical_p must be > 0, got {self.typical_p!r}")
+        for name in ("epsilon_cutoff", "eta_cutoff"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if self.do_sample and not self.temperature > 0.0:
             raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature!r}")
         if not self.repetition_penalty > 0.0:

@@ -2,9 +2,10 @@
 
 The encoder runs once; each decoder layer's cross-attention keys and values are computed once; each step feeds one
 token per row and writes its keys and values into the cache. Tokens are scored in float32, logits are processed in
-transformers' order (repetition penalty, n-gram blocking, minimum length, then temperature, top-k, top-p when
-sampling), and beam search follows transformers' (>= 4.50) vectorized algorithm step for step, so deterministic
-settings give transformers' rows exactly, and sampling draws the same tokens from the same random stream.
+transformers' order (repetition penalty, n-gram blocking, bad words, minimum length, suppressed tokens, then
+temperature, top-k, top-p, min-p, typical, epsilon and eta cutoffs when sampling), and beam search follows
+transformers' (>= 4.50) vectorized algorithm step for step, so deterministic settings give transformers' rows
+exactly, and sampling draws the same tokens from the same random stream.
 """
 
 from __future__ import annotations
@@ -78,6 +79,27 @@ def process_scores(scores, tokens, t: int, g: GenerationConfig, eos: int, min_ke
             drop = sorted_scores.softmax(-1).cumsum(-1) <= (1 - g.top_p)
             drop[..., -min_keep:] = False
             scores.masked_fill_(drop.scatter(1, order, drop), float("-inf"))
+        keep = min(min_keep, scores.shape[-1])
+        if g.min_p is not None:  # min-p (Nguyen et al. 2024): drop tokens below min_p times the likeliest's probability
+            probs = scores.softmax(-1)
+            drop = probs < g.min_p * probs.amax(-1, keepdim=True)
+            scores.masked_fill_(drop.scatter_(-1, probs.topk(keep).indices, False), float("-inf"))
+        if g.typical_p < 1.0:  # typical sampling (Meister et al. 2022): keep the tokens whose surprisal is nearest the
+            log_p = F.log_softmax(scores, dim=-1)  # entropy, up to typical_p of the probability
+            entropy = -(log_p * log_p.exp()).nansum(-1, keepdim=True)
+            sorted_shift, order = torch.sort((-log_p - entropy).abs(), descending=False)
+            last = (scores.gather(-1, order).softmax(-1).cumsum(-1) < g.typical_p).sum(1)
+            drop = sorted_shift > sorted_shift.gather(1, last.clamp_(max=scores.shape[-1] - 1).view(-1, 1))
+            drop[..., :min_keep] = False
+            scores.masked_fill_(drop.scatter(1, order, drop), float("-inf"))
+        for cutoff, eta in ((g.epsilon_cutoff, False), (g.eta_cutoff, True)):  # epsilon, eta sampling (Hewitt et
+            if 0.0 < cutoff < 1.0:  # al. 2022): drop tokens less likely than the cutoff, or than eta
+                floor = torch.tensor(cutoff, device=scores.device)  # float32, as transformers takes it
+                if eta:  # eta = min(epsilon, sqrt(epsilon) exp(-entropy))
+                    entropy = torch.distributions.Categorical(logits=scores).entropy()
+                    floor = torch.min(floor, floor.sqrt() * torch.exp(-entropy))[..., None]
+                drop = (scores.softmax(-1) < floor) & (scores < scores.topk(keep)[0][..., -1, None])
+                scores.masked_fill_(drop, float("-inf"))
     return scores
 
 
@@ -92,13 +114,13 @@ def ban(scores, tokens):
 @lru_cache(maxsize=16)
 def bad_words(sequences: tuple[tuple[int, ...], ...], eos: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """bad_words_ids grouped by length, as transformers' NoBadWordsLogitsProcessor matches them: for each group, the
-    sequences' prefixes (S, n) (n = 0: banned everywhere) and last tokens (S, 1). [eos] alone is dropped, as there."""
+    sequences' prefixes (S, n) (n = 0: banned everywhere) and last tokens (S,). [eos] alone is dropped, as there."""
     groups: dict[int, list] = {}
     for seq in sequences:
         if seq != (eos,):
             groups.setdefault(len(seq) - 1, []).append(seq)
-    return [(torch.tensor([seq[:-1] for seq in group], device=device).view(len(group), n),
-             torch.tensor([seq[-1] for seq in group], device=device)) for n, group in groups.items()]
+    return [(torch.tensor([seq[:-1] for seq in group], dtype=torch.long, device=device).view(len(group), n),
+             torch.tensor([seq[-1] for seq in group], dtype=torch.long, device=device)) for n, group in groups.items()]
 
 
 def prepare(model: T5, input_ids, attention_mask, seed, generator, kwargs):
@@ -125,9 +147,9 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
              **kwargs):
     """Rows [batch * num_return_sequences, length]: the decoder start token, the generated tokens, </s> where the
     model ended, then padding. Arguments as transformers' generate(): max_new_tokens, max_length, min_new_tokens,
-    min_length, do_sample, num_beams, num_return_sequences, temperature, top_k, top_p, repetition_penalty,
-    no_repeat_ngram_size, bad_words_ids, suppress_tokens, begin_suppress_tokens, length_penalty, early_stopping;
-    defaults from the checkpoint's generation config.
+    min_length, do_sample, num_beams, num_return_sequences, temperature, top_k, top_p, min_p, typical_p,
+    epsilon_cutoff, eta_cutoff, repetition_penalty, no_repeat_ngram_size, bad_words_ids, suppress_tokens,
+    begin_suppress_tokens, length_penalty, early_stopping; defaults from the checkpoint's generation config.
     seed or generator makes sampling repeatable. return_scores=True also returns a float32 score per row: for beam
     search transformers' sequence score (sum of processed log-probabilities / length**length_penalty), otherwise
     the sum of the model's log-probabilities of the generated tokens (</s> included). compile=True runs the decoding

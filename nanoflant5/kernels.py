@@ -32,8 +32,8 @@ _BUILT: dict[str, bool] = {}
 
 
 def available() -> bool:
-    """Whether the kernel is loaded: built on the first call (~10 s; cached by torch in ~/.cache/torch_extensions),
-    after which torch.ops.nanoflant5_cpu.rows_linear exists."""
+    """Whether the kernels are loaded: built on the first call (~10 s; cached by torch in ~/.cache/torch_extensions),
+    after which torch.ops.nanoflant5_cpu.rows_linear exists (and int8_rows, where INT8)."""
     global INT8
     if "ok" not in _BUILT:
         _BUILT["ok"] = _build()
@@ -80,4 +80,3 @@ def fits(weight, rows: int) -> bool:
     """Whether rows_linear takes this weight for `rows` rows (float32 on CPU, contiguous, a multiple of 16 columns)."""
     return (rows in ROWS and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
             and weight.is_contiguous() and weight.shape[1] % 16 == 0 and available())
-

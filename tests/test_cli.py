@@ -86,6 +86,16 @@ def test_seed_command_spelling():
     assert args.prompt == ["How do I make pesto sauce?"]
 
 
+def test_sampling_filters_reach_the_settings():
+    from nanoflant5.cli import generation_settings
+    from nanoflant5.config import GenerationConfig
+
+    args = build_parser().parse_args(["generate", "--model", "m", "--prompt", "p", "--do-sample", "--min-p", "0.1",
+                                      "--typical_p", "0.9", "--epsilon-cutoff", "0.01", "--eta-cutoff", "0.02"])
+    settings = generation_settings(args, GenerationConfig())
+    assert (settings.min_p, settings.typical_p, settings.epsilon_cutoff, settings.eta_cutoff) == (0.1, 0.9, 0.01, 0.02)
+
+
 def test_seed_command_offline_names_the_model(tmp_path):
     result = run("generate", "--model_size", "large", "--prompt", "How do I make pesto sauce?", "--num_beams", "2",
                  "--max_new_tokens", "100", HF_HUB_CACHE=str(tmp_path))
@@ -103,6 +113,8 @@ def test_seed_command_offline_names_the_model(tmp_path):
     (["--do-sample", "--top-p", "1.5"], 2, "error: --top-p must be in (0, 1]"),
     (["--do-sample", "--top-p", "0"], 2, "error: --top-p must be in (0, 1]"),
     (["--do-sample", "--temperature", "0"], 2, "error: --temperature must be > 0 when sampling"),
+    (["--do-sample", "--min-p", "1.5"], 2, "error: --min-p must be in [0, 1]"),
+    (["--do-sample", "--eta-cutoff", "1"], 2, "error: --eta-cutoff must be in [0, 1)"),
     (["--stream", "--num-beams", "2"], 2, "error: --stream works with greedy decoding and sampling"),
     (["--num-beams", "x"], 2, "error: argument --num-beams/--num_beams: invalid int value: 'x'"),
 ])

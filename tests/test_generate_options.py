@@ -83,12 +83,28 @@ def test_banned_tokens_match_transformers(pair):
     dict(), dict(temperature=0.7), dict(top_k=5), dict(top_p=0.6), dict(temperature=1.5, top_k=20, top_p=0.9),
     dict(top_k=0, num_return_sequences=3), dict(repetition_penalty=1.3, no_repeat_ngram_size=2),
     dict(num_beams=3, top_p=0.8), dict(num_beams=2, num_return_sequences=2, temperature=0.5),
+    dict(min_p=0.1), dict(typical_p=0.7), dict(epsilon_cutoff=0.02), dict(eta_cutoff=0.1),
+    dict(temperature=0.8, top_k=30, top_p=0.95, min_p=0.05, typical_p=0.9, epsilon_cutoff=3e-3, eta_cutoff=3e-3),
+    dict(num_beams=2, min_p=0.2, typical_p=0.5, epsilon_cutoff=0.05, eta_cutoff=0.05),
 ])
 def test_sampling_draws_what_transformers_draws(pair, kw):
     """With the same torch seed, sampling consumes the random stream as transformers does: the same tokens."""
     model, ref = pair
     ids, mask = random_batch(96, LENGTHS, seed=12)
     assert same_as_transformers(model, ref, ids, mask, seed=5, do_sample=True, max_new_tokens=16, **kw), kw
+
+
+def test_sampling_filters_change_the_draws(pair):
+    """Each of min_p, typical_p, epsilon_cutoff and eta_cutoff (at the values the test above checks against
+    transformers) changes what the same seed draws, so that test compares them at work; bad values are refused."""
+    model, _ = pair
+    ids, mask = random_batch(96, LENGTHS, seed=12)
+    plain = model.generate(ids, mask, do_sample=True, max_new_tokens=16, seed=5)
+    for kw in [dict(min_p=0.1), dict(typical_p=0.7), dict(epsilon_cutoff=0.02), dict(eta_cutoff=0.1)]:
+        assert not torch.equal(model.generate(ids, mask, do_sample=True, max_new_tokens=16, seed=5, **kw), plain), kw
+    for kw in [dict(min_p=1.5), dict(typical_p=0.0), dict(epsilon_cutoff=1.0), dict(eta_cutoff=-0.1)]:
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            model.generate(ids, mask, do_sample=True, max_new_tokens=4, **kw)
 
 
 def test_sampling_is_repeatable_per_seed(pair):
