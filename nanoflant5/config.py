@@ -137,6 +137,8 @@ class GenerationConfig:
     no_repeat_ngram_size: int = 0
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    sequence_bias: list | dict | None = None  # [[token ids, bias], ...] or {(token ids): bias}: added to the last
+    # token's score where the rest ends the row
     bad_words_ids: list[list[int]] | None = None  # token sequences never generated ([eos] is ignored)
     suppress_tokens: list[int] | None = None  # tokens never generated
     begin_suppress_tokens: list[int] | None = None  # tokens not generated first
@@ -215,14 +217,29 @@ class GenerationConfig:
                         for seq in self.bad_words_ids)):
             raise ValueError(f"bad_words_ids must be a non-empty list of non-empty lists of token ids, got "
                              f"{self.bad_words_ids!r}")
+        if self.sequence_bias is not None:
+            pairs = (list(self.sequence_bias.items()) if isinstance(self.sequence_bias, dict)
+                     else self.sequence_bias if isinstance(self.sequence_bias, (list, tuple)) else None)
+            if not pairs or not all(
+                    isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], (list, tuple))
+                    and pair[0] and all(token_id(t) for t in pair[0]) and isinstance(pair[1], (int, float))
+                    and not isinstance(pair[1], bool) for pair in pairs):
+                raise ValueError(f"sequence_bias must be a non-empty list of [token ids, bias] pairs (or a dict of "
+                                 f"token-id tuples to biases), got {self.sequence_bias!r}")
         for name in ("suppress_tokens", "begin_suppress_tokens"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (list, tuple)) and all(token_id(t) for t in value)):
                 raise ValueError(f"{name} must be a list of token ids, got {value!r}")
 
-    def banned_ids(self) -> set[int]:
-        """Every token id the settings ban somewhere (to check against the vocabulary)."""
-        lists = [*(self.bad_words_ids or []), self.suppress_tokens or [], self.begin_suppress_tokens or []]
+    def biased_sequences(self) -> tuple[tuple[tuple[int, ...], float], ...]:
+        """sequence_bias as ((token ids), bias) pairs, the last of equal sequences winning, as in transformers."""
+        pairs = self.sequence_bias.items() if isinstance(self.sequence_bias, dict) else self.sequence_bias or []
+        return tuple({tuple(seq): float(bias) for seq, bias in pairs}.items())
+
+    def named_tokens(self) -> set[int]:
+        """Every token id the settings name (to check against the vocabulary)."""
+        lists = [*(self.bad_words_ids or []), self.suppress_tokens or [], self.begin_suppress_tokens or [],
+                 *(seq for seq, _ in self.biased_sequences())]
         return {t for ids in lists for t in ids}
 
 

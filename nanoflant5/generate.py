@@ -2,10 +2,10 @@
 
 The encoder runs once; each decoder layer's cross-attention keys and values are computed once; each step feeds one
 token per row and writes its keys and values into the cache. Tokens are scored in float32, logits are processed in
-transformers' order (repetition penalty, n-gram blocking, bad words, minimum length, suppressed tokens, then
-temperature, top-k, top-p, min-p, typical, epsilon and eta cutoffs when sampling), and beam search follows
-transformers' (>= 4.50) vectorized algorithm step for step, so deterministic settings give transformers' rows
-exactly, and sampling draws the same tokens from the same random stream.
+transformers' order (sequence bias, repetition penalty, n-gram blocking, bad words, minimum length, suppressed
+tokens, then temperature, top-k, top-p, min-p, typical, epsilon and eta cutoffs when sampling), and beam search
+follows transformers' (>= 4.50) vectorized algorithm step for step, so deterministic settings give transformers'
+rows exactly, and sampling draws the same tokens from the same random stream.
 """
 
 from __future__ import annotations
@@ -49,6 +49,16 @@ def process_scores(scores, tokens, t: int, g: GenerationConfig, eos: int, min_ke
     """Transformers' logits processors, in its order, applied in place and returned. scores: float32 (N, vocab) for
     the token after `tokens` (N, t+1), the decoder tokens so far (start token included, as transformers counts
     them)."""
+    if g.sequence_bias:  # add each sequence's bias to its last token in rows that end with the rest of it
+        single, groups = sequence_biases(g.biased_sequences(), scores.shape[-1], scores.device)
+        bias = torch.zeros_like(scores)  # summed as transformers' SequenceBiasLogitsProcessor sums it, then added
+        bias += single
+        for prefixes, last, values in groups:
+            n = prefixes.shape[1]
+            if n <= tokens.shape[1]:
+                match = (tokens[:, None, tokens.shape[1] - n:] == prefixes).all(-1)  # (N, sequences)
+                bias.index_add_(1, last, torch.where(match, values, 0.0).to(bias.dtype))
+        scores.add_(bias)
     if g.repetition_penalty != 1.0:  # CTRL (Keskar et al. 2019): make tokens already generated less likely
         seen = scores.gather(1, tokens)
         scores.scatter_(1, tokens, torch.where(seen < 0, seen * g.repetition_penalty, seen / g.repetition_penalty))
@@ -123,15 +133,31 @@ def bad_words(sequences: tuple[tuple[int, ...], ...], eos: int, device) -> list[
              torch.tensor([seq[-1] for seq in group], dtype=torch.long, device=device)) for n, group in groups.items()]
 
 
+@lru_cache(maxsize=16)
+def sequence_biases(sequences: tuple, vocab: int, device):
+    """sequence_bias as transformers applies it: a (vocab,) float32 bias of the single tokens, and for longer sequences,
+    grouped by length in order of first appearance, their prefixes (S, n), last tokens (S,) and biases (S,)."""
+    single = torch.zeros(vocab, device=device)
+    groups: dict[int, list] = {}
+    for seq, bias in sequences:
+        if len(seq) == 1:
+            single[seq[0]] = bias
+        else:
+            groups.setdefault(len(seq) - 1, []).append((seq, bias))
+    return single, [(torch.tensor([seq[:-1] for seq, _ in group], dtype=torch.long, device=device),
+                     torch.tensor([seq[-1] for seq, _ in group], dtype=torch.long, device=device),
+                     torch.tensor([bias for _, bias in group], device=device)) for group in groups.values()]
+
+
 def prepare(model: T5, input_ids, attention_mask, seed, generator, kwargs):
     """The generation settings (checkpoint defaults, then kwargs), the attention mask, and the random stream
     (None: torch's global one, as transformers uses)."""
     g = model.generation_config.update(**kwargs)
     g.check()
-    beyond = sorted(t for t in g.banned_ids() if t >= model.config.vocab_size)
+    beyond = sorted(t for t in g.named_tokens() if t >= model.config.vocab_size)
     if beyond:
-        raise ValueError(f"bad_words_ids/suppress_tokens/begin_suppress_tokens name tokens beyond the vocabulary "
-                         f"({model.config.vocab_size}): {beyond}")
+        raise ValueError(f"sequence_bias/bad_words_ids/suppress_tokens/begin_suppress_tokens name tokens beyond the "
+                         f"vocabulary ({model.config.vocab_size}): {beyond}")
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be 2-D [batch, length], got shape {list(input_ids.shape)}")
     if attention_mask is None:
@@ -148,8 +174,9 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
     """Rows [batch * num_return_sequences, length]: the decoder start token, the generated tokens, </s> where the
     model ended, then padding. Arguments as transformers' generate(): max_new_tokens, max_length, min_new_tokens,
     min_length, do_sample, num_beams, num_return_sequences, temperature, top_k, top_p, min_p, typical_p,
-    epsilon_cutoff, eta_cutoff, repetition_penalty, no_repeat_ngram_size, bad_words_ids, suppress_tokens,
-    begin_suppress_tokens, length_penalty, early_stopping; defaults from the checkpoint's generation config.
+    epsilon_cutoff, eta_cutoff, repetition_penalty, no_repeat_ngram_size, sequence_bias, bad_words_ids,
+    suppress_tokens, begin_suppress_tokens, length_penalty, early_stopping; defaults from the checkpoint's
+    generation config.
     seed or generator makes sampling repeatable. return_scores=True also returns a float32 score per row: for beam
     search transformers' sequence score (sum of processed log-probabilities / length**length_penalty), otherwise
     the sum of the model's log-probabilities of the generated tokens (</s> included). compile=True runs the decoding

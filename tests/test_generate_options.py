@@ -79,6 +79,27 @@ def test_banned_tokens_match_transformers(pair):
             model.generate(ids, mask, max_new_tokens=4, **bad)
 
 
+def test_sequence_bias_matches_transformers(pair):
+    """sequence_bias, as a list of pairs and as a dict (single tokens, and pairs taken from the unconstrained
+    output; a bias on a token twice, the later winning): transformers' rows for greedy (through the int8 screen, and
+    compiled), beam search and sampling; the biases change the rows; bad values are refused."""
+    model, ref = pair
+    ids, mask = random_batch(96, LENGTHS, seed=12)
+    free = model.generate(ids, mask, max_new_tokens=16)
+    row = free[1, 1:].tolist()
+    pairs = [[[row[0]], -30.0], [[row[3], row[4]], -4.0], [free[3, 2:4].tolist(), 3.0], [[50], 5.0], [[50], 1.5]]
+    for bias in (pairs, {tuple(seq): b for seq, b in pairs}):
+        for extra in [dict(), dict(num_beams=3, num_return_sequences=2), dict(do_sample=True, top_k=0)]:
+            kw = dict(max_new_tokens=16, sequence_bias=bias, **extra)
+            assert same_as_transformers(model, ref, ids, mask, seed=3, **kw), (bias, extra)
+        got = model.generate(ids, mask, max_new_tokens=16, sequence_bias=bias)
+        assert not torch.equal(got, free)
+        assert torch.equal(got, model.generate(ids, mask, max_new_tokens=16, compile=True, sequence_bias=bias))
+    for bad in [[], [[[3], "x"]], [[[], 1.0]], [[3, 1.0]], {(96,): 1.0}]:
+        with pytest.raises(ValueError, match="sequence_bias"):
+            model.generate(ids, mask, max_new_tokens=4, sequence_bias=bad)
+
+
 @pytest.mark.parametrize("kw", [
     dict(), dict(temperature=0.7), dict(top_k=5), dict(top_p=0.6), dict(temperature=1.5, top_k=20, top_p=0.9),
     dict(top_k=0, num_return_sequences=3), dict(repetition_penalty=1.3, no_repeat_ngram_size=2),
