@@ -434,7 +434,8 @@ def random_probe(n: int, dtype):
 class OutputScreen:
     """argmax(process(x @ W.T)) for greedy decoding, where W is the output layer's weight (vocab, K) and `process`
     applies transformers' greedy logits processors, each of which masks tokens or maps every score through a
-    nondecreasing function (repetition penalty). The result is the full output layer's token, but W is read as int8:
+    nondecreasing function (repetition penalty, sequence bias). The result is the full output layer's token, but W is
+    read as int8:
 
     W_i = s_i q_i + e_i (int8 q_i, per-token scale s_i) and x = x_hat + e_x, where x_hat is r q_x (int8 q_x, per-row
     scale r) but in the few channels with the largest entries, where it keeps x in float32. The exact integer product
