@@ -49,15 +49,17 @@ def process_scores(scores, tokens, t: int, g: GenerationConfig, eos: int, min_ke
     """Transformers' logits processors, in its order, applied in place and returned. scores: float32 (N, vocab) for
     the token after `tokens` (N, t+1), the decoder tokens so far (start token included, as transformers counts
     them)."""
-    if g.sequence_bias:  # add each sequence's bias to its last token in rows that end with the rest of it
-        single, groups = sequence_biases(g.biased_sequences(), scores.shape[-1], scores.device)
-        bias = torch.zeros_like(scores)  # summed as transformers' SequenceBiasLogitsProcessor sums it, then added
+    if g.sequence_bias:  # each sequence's bias on its last token in rows that end with the rest of it, summed as
+        groups = sequence_groups(g.biased_sequences(), scores.device)  # transformers sums it: single tokens first
+        single = torch.zeros(scores.shape[-1], device=scores.device)
+        for prefixes, last, values in groups:
+            if prefixes.shape[1] == 0:
+                single[last] = values
+        bias = torch.zeros_like(scores)
         bias += single
         for prefixes, last, values in groups:
-            n = prefixes.shape[1]
-            if n <= tokens.shape[1]:
-                match = (tokens[:, None, tokens.shape[1] - n:] == prefixes).all(-1)  # (N, sequences)
-                bias.index_add_(1, last, torch.where(match, values, 0.0).to(bias.dtype))
+            if 0 < prefixes.shape[1] <= tokens.shape[1]:
+                bias.index_add_(1, last, torch.where(ending_with(tokens, prefixes), values, 0.0).to(bias.dtype))
         scores.add_(bias)
     if g.repetition_penalty != 1.0:  # CTRL (Keskar et al. 2019): make tokens already generated less likely
         seen = scores.gather(1, tokens)
@@ -68,11 +70,10 @@ def process_scores(scores, tokens, t: int, g: GenerationConfig, eos: int, min_ke
         match = (windows[..., :-1] == tokens[:, t + 2 - n:].unsqueeze(1)).all(-1)
         ban(scores, torch.where(match, windows[..., -1], scores.shape[-1]))
     if g.bad_words_ids:  # ban each sequence's last token in rows that end with the rest of it
-        for prefixes, last in bad_words(tuple(map(tuple, g.bad_words_ids)), eos, scores.device):
-            n = prefixes.shape[1]
-            if n <= tokens.shape[1]:
-                match = (tokens[:, None, tokens.shape[1] - n:] == prefixes).all(-1)  # (N, sequences)
-                ban(scores, torch.where(match, last, scores.shape[-1]))
+        bad = tuple((tuple(seq), 0.0) for seq in g.bad_words_ids if list(seq) != [eos])  # [eos]: transformers drops it
+        for prefixes, last, _ in sequence_groups(bad, scores.device):
+            if prefixes.shape[1] <= tokens.shape[1]:
+                ban(scores, torch.where(ending_with(tokens, prefixes), last, scores.shape[-1]))
     if t < g.min_tokens:
         scores[:, eos] = float("-inf")
     for suppressed in (g.suppress_tokens, g.begin_suppress_tokens if t == 0 else None):
@@ -121,32 +122,22 @@ def ban(scores, tokens):
     scores.masked_fill_(banned[:, :V], float("-inf"))
 
 
-@lru_cache(maxsize=16)
-def bad_words(sequences: tuple[tuple[int, ...], ...], eos: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """bad_words_ids grouped by length, as transformers' NoBadWordsLogitsProcessor matches them: for each group, the
-    sequences' prefixes (S, n) (n = 0: banned everywhere) and last tokens (S,). [eos] alone is dropped, as there."""
+@lru_cache(maxsize=32)
+def sequence_groups(sequences: tuple, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """((token ids), value) pairs grouped by length, in order of first appearance, as transformers' sequence bias and
+    bad words processors group them: for each group, the prefixes (S, n) (n = 0: single tokens), last tokens (S,)
+    and float32 values (S,)."""
     groups: dict[int, list] = {}
-    for seq in sequences:
-        if seq != (eos,):
-            groups.setdefault(len(seq) - 1, []).append(seq)
-    return [(torch.tensor([seq[:-1] for seq in group], dtype=torch.long, device=device).view(len(group), n),
-             torch.tensor([seq[-1] for seq in group], dtype=torch.long, device=device)) for n, group in groups.items()]
+    for seq, value in sequences:
+        groups.setdefault(len(seq) - 1, []).append((seq, value))
+    return [(torch.tensor([seq[:-1] for seq, _ in group], dtype=torch.long, device=device).view(len(group), n),
+             torch.tensor([seq[-1] for seq, _ in group], dtype=torch.long, device=device),
+             torch.tensor([value for _, value in group], device=device)) for n, group in groups.items()]
 
 
-@lru_cache(maxsize=16)
-def sequence_biases(sequences: tuple, vocab: int, device):
-    """sequence_bias as transformers applies it: a (vocab,) float32 bias of the single tokens, and for longer sequences,
-    grouped by length in order of first appearance, their prefixes (S, n), last tokens (S,) and biases (S,)."""
-    single = torch.zeros(vocab, device=device)
-    groups: dict[int, list] = {}
-    for seq, bias in sequences:
-        if len(seq) == 1:
-            single[seq[0]] = bias
-        else:
-            groups.setdefault(len(seq) - 1, []).append((seq, bias))
-    return single, [(torch.tensor([seq[:-1] for seq, _ in group], dtype=torch.long, device=device),
-                     torch.tensor([seq[-1] for seq, _ in group], dtype=torch.long, device=device),
-                     torch.tensor([bias for _, bias in group], device=device)) for group in groups.values()]
+def ending_with(tokens, prefixes):
+    """(N, S): whether each row of tokens (N, t) ends with each prefix (S, n), for n <= t."""
+    return (tokens[:, None, tokens.shape[1] - prefixes.shape[1]:] == prefixes).all(-1)
 
 
 def prepare(model: T5, input_ids, attention_mask, seed, generator, kwargs):
