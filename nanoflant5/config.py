@@ -213,22 +213,20 @@ class GenerationConfig:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
         if self.bad_words_ids is not None and not (
                 isinstance(self.bad_words_ids, (list, tuple)) and self.bad_words_ids
-                and all(isinstance(seq, (list, tuple)) and seq and all(token_id(t) for t in seq)
-                        for seq in self.bad_words_ids)):
+                and all(seq and token_ids(seq) for seq in self.bad_words_ids)):
             raise ValueError(f"bad_words_ids must be a non-empty list of non-empty lists of token ids, got "
                              f"{self.bad_words_ids!r}")
         if self.sequence_bias is not None:
             pairs = (list(self.sequence_bias.items()) if isinstance(self.sequence_bias, dict)
                      else self.sequence_bias if isinstance(self.sequence_bias, (list, tuple)) else None)
             if not pairs or not all(
-                    isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], (list, tuple))
-                    and pair[0] and all(token_id(t) for t in pair[0]) and isinstance(pair[1], (int, float))
-                    and not isinstance(pair[1], bool) for pair in pairs):
+                    isinstance(pair, (list, tuple)) and len(pair) == 2 and pair[0] and token_ids(pair[0])
+                    and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool) for pair in pairs):
                 raise ValueError(f"sequence_bias must be a non-empty list of [token ids, bias] pairs (or a dict of "
                                  f"token-id tuples to biases), got {self.sequence_bias!r}")
         for name in ("suppress_tokens", "begin_suppress_tokens"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, (list, tuple)) and all(token_id(t) for t in value)):
+            if value is not None and not token_ids(value):
                 raise ValueError(f"{name} must be a list of token ids, got {value!r}")
 
     def biased_sequences(self) -> tuple[tuple[tuple[int, ...], float], ...]:
@@ -243,5 +241,7 @@ class GenerationConfig:
         return {t for ids in lists for t in ids}
 
 
-def token_id(t) -> bool:
-    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
+def token_ids(value) -> bool:
+    """Whether value is a list (or tuple) of token ids: non-negative ints, not bools."""
+    return isinstance(value, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                    for t in value)
