@@ -239,6 +239,20 @@ def ratio(tps, n):
     return f"{tps[n][0] / tps['transformers'][0]:.2f}x{spread}"
 
 
+def cpu_model() -> str:
+    """The CPU's model name, as lscpu prints it (speed claims hold for one CPU: MKL is fast on Intel, slow on AMD)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in info if line.startswith("model name")]
+        flags = next(line for line in info if line.startswith("flags")).split()
+        features = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+        return f"{names[0]} ({len(names)} logical CPUs; {' '.join(features)})"
+    except (OSError, IndexError, StopIteration):
+        import platform
+        return platform.processor() or "CPU"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="small,base", help="comma-separated: small, base")
@@ -276,8 +290,8 @@ def main():
             impls = ["baseline", "transformers", "nanoflant5"] + (["ctranslate2"] if ct2_dir else [])
             mem.append((name, {i: peak_rss(i, folder) for i in impls}))
 
-    print(f"\nCommand: `python {' '.join(sys.argv)}`  \ntorch {torch.__version__}, {THREADS} threads, {args.dtype}, "
-          f"{torch.cuda.get_device_name() if DEVICE.type == 'cuda' else 'CPU'}{'; nanoflant5 compiled' * COMPILE}; "
+    print(f"\nCommand: `python {' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d')})  \ntorch {torch.__version__}, {THREADS} threads, {args.dtype}, "
+          f"{torch.cuda.get_device_name() if DEVICE.type == 'cuda' else cpu_model()}{'; nanoflant5 compiled' * COMPILE}; "
           f"inputs {IN_LEN} tokens, {NEW} new tokens forced; median of {args.repeats} alternating runs after a warm-up"
           f"{'; ratio (lowest-highest per-run ratio)' * (args.repeats > 1)}.\n")
     print("| model | setting | transformers tok/s | nanoflant5 tok/s | ratio | CTranslate2 tok/s | ratio | outputs equal |")

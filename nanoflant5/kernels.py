@@ -9,7 +9,7 @@ flan-t5-base at 4 rows: 18.6 vs 27 ms).
 Each output is the sum of 16 strided partial sums (a fixed order), so results differ from MKL's in the last bits, as
 MKL's own kernels do from one another.
 
-int8_rows is the same loop for greedy decoding's int8 screen of the output layer (generate.OutputScreen): int8 times
+int8_rows is the same loop for greedy decoding's int8 screen of the output layer (speed.OutputScreen): int8 times
 int8 summed exactly in int32, with AVX-512 VNNI (built only where the CPU has it). flan-t5-small's 16 MB screen
 right after the decoder's weights: ~0.55 ms against torch._int_mm's ~0.74 at 1 row, ~0.57 against ~1.0 at 4.
 

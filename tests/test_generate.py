@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-import nanoflant5.generate as G
+import nanoflant5.speed as S
 from helpers import CONFIGS, make_checkpoint, random_batch
 from nanoflant5.load import load_model
 
@@ -37,6 +37,23 @@ def test_greedy_matches_transformers(checkpoint, name):
         assert torch.equal(got, want), kw
 
 
+
+def test_generated_rows_and_scores_can_enter_autograd(checkpoint):
+    """generate() runs in inference mode, but what it returns is plain tensors: feeding its rows back to the model
+    with gradients on (as the README's example and training on generated targets do) works, and gives the logits
+    generation chose its tokens from."""
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = load_model(folder, dtype=torch.float64)
+    ids, mask = random_batch(96, LENGTHS[:2], seed=1)
+    rows, scores = model.generate(ids, mask, max_new_tokens=8, return_scores=True)
+    assert not rows.is_inference() and not scores.is_inference()
+    logits = model(ids, mask, decoder_input_ids=rows)
+    logits.sum().backward()
+    assert model.lm_head.weight.grad is not None
+    chosen = logits[:, :-1].argmax(-1)
+    alive = rows[:, 1:] != 0  # padding after </s> was not chosen by the model
+    assert torch.equal(chosen[alive], rows[:, 1:][alive])
+
 @pytest.mark.parametrize("name, stride, max_new_tokens, seed", [
     ("gated-gelu-untied", 1, 24, 1), ("relu-tied", 1, 24, 1),  # the whole grid
     ("unequal-depth", 5, 16, 2), ("inner-dim", 5, 16, 2),  # every fifth setting
@@ -57,23 +74,23 @@ def test_blockwise_argmax_and_top_k_equal_torch():
         x = torch.randn(shape, generator=g)
         x[0, 7] = x[0, 200] = x.max() + 1  # a tie: argmax takes the first
         x[-1, ::3] = float("-inf")
-        assert torch.equal(G.argmax(x), x.argmax(-1))
+        assert torch.equal(S.argmax(x), x.argmax(-1))
         y = x.clone()
         y[-1] = float("-inf")  # a row of -inf: index 0
         y[0, [9, shape[1] - 1]] = float("nan")  # NaN counts as the maximum, as in torch
-        assert torch.equal(G.argmax(y), y.argmax(-1))
+        assert torch.equal(S.argmax(y), y.argmax(-1))
         for k in (1, 2, 8):
             x[0, 200] += 0.5  # top_k: no ties
-            want, got = x.topk(k), G.top_k(x, k)
+            want, got = x.topk(k), S.top_k(x, k)
             assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     x = torch.randn(2, 300, generator=g)  # not a multiple of the block size: torch's own
-    assert torch.equal(G.argmax(x), x.argmax(-1)) and torch.equal(G.top_k(x, 3)[1], x.topk(3)[1])
+    assert torch.equal(S.argmax(x), x.argmax(-1)) and torch.equal(S.top_k(x, 3)[1], x.topk(3)[1])
 
 
 def test_blockwise_search_matches_transformers(checkpoint, monkeypatch):
     """The tiny test vocabulary (96) is below one block of 128, so the other parity tests use torch's argmax and
     topk; with blocks of 8 they take the blockwise path."""
-    monkeypatch.setattr(G, "CHUNK", 8)
+    monkeypatch.setattr(S, "CHUNK", 8)
     folder, ref = checkpoint("gated-gelu-untied")
     model = load_model(folder, dtype=torch.float64)
     ids, mask = random_batch(96, LENGTHS, seed=3)
@@ -127,15 +144,15 @@ def test_batching_does_not_change_outputs(checkpoint, num_beams):
 
 
 def count_packed_calls(monkeypatch):
-    """A list that grows by one at each packed GEMM (generate._packed_linear calling MKL)."""
+    """A list that grows by one at each packed GEMM (speed._packed_linear calling MKL)."""
     calls = []
-    if G.MKL_PACKING:
-        mkl_linear = G._mkl_linear
-        monkeypatch.setattr(G, "_mkl_linear", lambda *a: calls.append(1) or mkl_linear(*a))
+    if S.MKL_PACKING:
+        mkl_linear = S._mkl_linear
+        monkeypatch.setattr(S, "_mkl_linear", lambda *a: calls.append(1) or mkl_linear(*a))
     return calls
 
 
-@pytest.mark.skipif(not G.MKL_PACKING, reason="torch built without MKL")
+@pytest.mark.skipif(not S.MKL_PACKING, reason="torch built without MKL")
 def test_packed_weights_change_no_output(checkpoint, monkeypatch):
     """float32 on CPU: batched and beam decoding run the decoder on MKL-prepacked weights (packed_weights). Rows are
     those of plain F.linear decoding, scores agree to float32 rounding, and the copies are gone afterwards."""
@@ -148,15 +165,15 @@ def test_packed_weights_change_no_output(checkpoint, monkeypatch):
         rows, scores = model.generate(ids, mask, return_scores=True, **kw)
         per_step = 6 * len(model.decoder.blocks) + 1  # every decoding step's linears took the packed path
         assert len(calls) >= per_step * (rows.shape[1] - 1) > 0
-        assert not any("forward" in m.__dict__ for m in model.modules()) and not G._PACKED
-        monkeypatch.setattr(G, "MKL_PACKING", False)
+        assert not any("forward" in m.__dict__ for m in model.modules()) and not S._PACKED
+        monkeypatch.setattr(S, "MKL_PACKING", False)
         plain_rows, plain_scores = model.generate(ids, mask, return_scores=True, **kw)
-        monkeypatch.setattr(G, "MKL_PACKING", True)
+        monkeypatch.setattr(S, "MKL_PACKING", True)
         assert torch.equal(rows, plain_rows), kw
         torch.testing.assert_close(scores, plain_scores, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not G.MKL_PACKING, reason="torch built without MKL")
+@pytest.mark.skipif(not S.MKL_PACKING, reason="torch built without MKL")
 def test_packed_weights_follow_training_and_autocast(checkpoint, monkeypatch):
     """Weights changed between two calls (a fused AdamW step, which does not bump tensors' version counters) are
     never met by a stale packed copy; under CPU autocast the decoder runs as autocast says."""
@@ -175,17 +192,17 @@ def test_packed_weights_follow_training_and_autocast(checkpoint, monkeypatch):
     optimizer.step()
     model.eval()
     rows, scores = model.generate(ids, mask, **kw)
-    monkeypatch.setattr(G, "MKL_PACKING", False)
+    monkeypatch.setattr(S, "MKL_PACKING", False)
     plain_rows, plain_scores = model.generate(ids, mask, **kw)
     assert torch.equal(rows, plain_rows)
     torch.testing.assert_close(scores, plain_scores, rtol=1e-4, atol=1e-4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain = model.generate(ids, mask, **kw)
-        monkeypatch.setattr(G, "MKL_PACKING", True)
+        monkeypatch.setattr(S, "MKL_PACKING", True)
         assert torch.equal(model.generate(ids, mask, **kw)[0], plain[0])
 
 
-@pytest.mark.skipif(not G.MKL_PACKING, reason="torch built without MKL")
+@pytest.mark.skipif(not S.MKL_PACKING, reason="torch built without MKL")
 def test_compiled_decoding_keeps_packed_weights(checkpoint, monkeypatch):
     """compile=True keeps the packed copies between calls: the next call with the same row count packs nothing, a
     weight changed in place (no version counter bump) or replaced is packed again, and so is every weight for a new
@@ -196,23 +213,23 @@ def test_compiled_decoding_keeps_packed_weights(checkpoint, monkeypatch):
     folder, _ = checkpoint("gated-gelu-untied")
     model = load_model(folder, dtype=torch.float32)
     ids, mask = random_batch(96, LENGTHS[:2], seed=9)
-    monkeypatch.setattr(G, "compiled_step", lambda step, device: step)
+    monkeypatch.setattr(S, "compiled_step", lambda step, device: step)
     packs = []
-    mkl_pack = G._mkl_pack
-    monkeypatch.setattr(G, "_mkl_pack", lambda w, rows: packs.append(w) or mkl_pack(w, rows))
+    mkl_pack = S._mkl_pack
+    monkeypatch.setattr(S, "_mkl_pack", lambda w, rows: packs.append(w) or mkl_pack(w, rows))
     per_call = 6 * len(model.decoder.blocks) + 1
 
     def check(want_packs, **kw):
         packs.clear()
         rows = model.generate(ids, mask, compile=True, max_new_tokens=16, num_beams=3, **kw)
         assert len(packs) == want_packs
-        monkeypatch.setattr(G, "MKL_PACKING", False)
+        monkeypatch.setattr(S, "MKL_PACKING", False)
         assert torch.equal(rows, model.generate(ids, mask, max_new_tokens=16, num_beams=3, **kw))
-        monkeypatch.setattr(G, "MKL_PACKING", True)
+        monkeypatch.setattr(S, "MKL_PACKING", True)
 
     check(per_call)
     check(0)
-    assert not G._PACKED and not any("forward" in m.__dict__ for m in model.modules())
+    assert not S._PACKED and not any("forward" in m.__dict__ for m in model.modules())
     wo = model.decoder.blocks[1].ffn.wo
     with torch.no_grad():
         wo.weight.data[3, 5] += 0.5  # in place, through .data: the version counter stays
@@ -225,18 +242,18 @@ def test_compiled_decoding_keeps_packed_weights(checkpoint, monkeypatch):
     rows5 = model.generate(ids[:1], compile=True, max_new_tokens=16, num_beams=5)  # 5 rows: packed again
     assert len(packs) == per_call
     gc.collect()  # (other tests' models that are garbage already)
-    kept = len(G._KEPT)
+    kept = len(S._KEPT)
     assert kept >= per_call
-    monkeypatch.setattr(G, "KEEP_BYTES", 0)  # too large to keep: packed each call, nothing more kept
+    monkeypatch.setattr(S, "KEEP_BYTES", 0)  # too large to keep: packed each call, nothing more kept
     packs.clear()
     assert torch.equal(model.generate(ids[:1], compile=True, max_new_tokens=16, num_beams=5), rows5)
-    assert len(packs) == per_call and len(G._KEPT) == kept
+    assert len(packs) == per_call and len(S._KEPT) == kept
     model = wo = None  # (check() sees the same variable)
     gc.collect()
-    assert len(G._KEPT) == kept - per_call  # the copies go with the model
+    assert len(S._KEPT) == kept - per_call  # the copies go with the model
 
 
-@pytest.mark.skipif(not G.MKL_PACKING, reason="torch built without MKL")
+@pytest.mark.skipif(not S.MKL_PACKING, reason="torch built without MKL")
 def test_kept_packing_takes_strided_weights():
     """A weight that is not contiguous (a transposed view) is packed as it is and not kept (its fingerprint reads
     rows as 8-byte words)."""
@@ -245,9 +262,9 @@ def test_kept_packing_takes_strided_weights():
     linear = torch.nn.Linear(64, 32, bias=False)
     linear.weight = torch.nn.Parameter(torch.randn(64, 32).t())
     x = torch.randn(4, 64)
-    packed = G.pack(linear, 4, keep=True)
-    torch.testing.assert_close(G._mkl_linear(x, packed, linear.weight, None, 4), F.linear(x, linear.weight))
-    assert linear not in G._KEPT
+    packed = S.pack(linear, 4, keep=True)
+    torch.testing.assert_close(S._mkl_linear(x, packed, linear.weight, None, 4), F.linear(x, linear.weight))
+    assert linear not in S._KEPT
 
 
 def test_compiled_step_matches_eager(checkpoint, monkeypatch):
@@ -268,7 +285,7 @@ def test_compiled_step_matches_eager(checkpoint, monkeypatch):
         assert not calls
         packed = model.generate(ids, mask, compile=True, max_new_tokens=16, num_beams=3)
         per_step = 6 * len(model.decoder.blocks) + 1
-        assert len(calls) >= (packed.shape[1] - 1) * per_step or not G.MKL_PACKING
+        assert len(calls) >= (packed.shape[1] - 1) * per_step or not S.MKL_PACKING
     assert not [w for w in caught if "torch.compile failed" in str(w.message)]
     assert torch.equal(compiled, model.generate(ids, mask, max_new_tokens=16))
     assert torch.equal(beams, model.generate(ids[1:, :LENGTHS[1]], max_new_tokens=16, num_beams=3))

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import nanoflant5.generate as G
+import nanoflant5.speed as S
 from helpers import random_batch
 from nanoflant5 import kernels
 from nanoflant5.load import load_model
@@ -68,10 +68,10 @@ def test_decoding_with_the_kernel_gives_torchs_rows(checkpoint, monkeypatch):
     beams (4 beams of 1 input, 2 of 2), compiled and eager. Afterwards the layers are plain nn.Linear again."""
     folder, _ = checkpoint("gated-gelu-untied")
     model = load_model(folder, dtype=torch.float32)
-    with G.fast_linears(model, 3, 16):
+    with S.fast_linears(model, 3, 16):
         step_linears = [linear for b in model.decoder.blocks for linear in (b.attn.qkv, b.cross.o, b.ffn.wo)]
         assert all(m.forward.func is torch.ops.nanoflant5_cpu.rows_linear for m in step_linears + [model.lm_head])
-    with G.fast_linears(model, 3, 15):  # too few steps to be worth a build on first use: torch's kernels
+    with S.fast_linears(model, 3, 15):  # too few steps to be worth a build on first use: torch's kernels
         assert not any("forward" in m.__dict__ for m in model.modules())
     assert not any("forward" in m.__dict__ for m in model.modules())
     ids, mask = random_batch(96, LENGTHS, seed=11)
@@ -80,9 +80,9 @@ def test_decoding_with_the_kernel_gives_torchs_rows(checkpoint, monkeypatch):
         args = ids[sl], mask[sl]
         for compile in (False, True):
             rows, scores = model.generate(*args, max_new_tokens=16, return_scores=True, compile=compile, **kw)
-            monkeypatch.setattr(G, "KERNELS", False)
+            monkeypatch.setattr(S, "KERNELS", False)
             torch_rows, torch_scores = model.generate(*args, max_new_tokens=16, return_scores=True, **kw)
-            monkeypatch.setattr(G, "KERNELS", True)
+            monkeypatch.setattr(S, "KERNELS", True)
             assert torch.equal(rows, torch_rows), (kw, compile)
             torch.testing.assert_close(scores, torch_scores, rtol=1e-4, atol=1e-4)
             greedy = model.generate(*args, max_new_tokens=16, compile=compile, **kw)  # the int8 screen, for greedy
@@ -95,13 +95,13 @@ def test_kernel_without_compiler_falls_back(tmp_path, checkpoint):
     script = f"""
 import warnings, torch
 from nanoflant5.load import load_model
-import nanoflant5.generate as G
+import nanoflant5.speed as S
 model = load_model({str(folder)!r}, dtype=torch.float32)
 ids = torch.tensor([[5, 9, 14, 3, 1]])
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     rows = [model.generate(ids, max_new_tokens=16, num_beams=2) for _ in range(2)]
-G.KERNELS = False
+S.KERNELS = False
 assert torch.equal(rows[0], model.generate(ids, max_new_tokens=16, num_beams=2)) and torch.equal(rows[0], rows[1])
 print("|".join(str(w.message) for w in caught))
 """

@@ -1,4 +1,4 @@
-"""Greedy decoding's int8 screen of the output layer (generate.OutputScreen): the full output layer's tokens."""
+"""Greedy decoding's int8 screen of the output layer (speed.OutputScreen): the full output layer's tokens."""
 
 from functools import partial
 
@@ -7,20 +7,21 @@ import torch
 import torch.nn.functional as F
 
 import nanoflant5.generate as G
+import nanoflant5.speed as S
 from helpers import random_batch
 from nanoflant5 import kernels
 from nanoflant5.config import GenerationConfig
 from nanoflant5.load import load_model
 
 LENGTHS = [7, 3, 12, 5, 20, 9]
-pytestmark = pytest.mark.skipif(not G.SCREEN, reason="torch without torch._int_mm")
+pytestmark = pytest.mark.skipif(not S.SCREEN, reason="torch without torch._int_mm")
 # the int8 product through torch._int_mm, and through kernels.int8_rows where it is built (AVX-512 VNNI)
 PRODUCTS = [False] + [pytest.param(True, marks=pytest.mark.skipif(not (kernels.available() and kernels.INT8),
                                                                    reason="int8_rows not built here"))]
 
 
 def full_argmax(x, w, process):
-    return G.argmax(process(F.linear(x, w).float()))
+    return S.argmax(process(F.linear(x, w).float()))
 
 
 def processors(top, vocab, t=6):
@@ -46,7 +47,7 @@ def test_screen_picks_the_full_layers_token(dtype, kernel):
     w = (torch.randn(vocab, K, generator=gen) * 0.05).to(dtype)
     w[1::2] = w[0::2] + 1e-6 * torch.randn(vocab // 2, K, generator=gen, dtype=dtype)  # pairs of near-twins
     w[7] *= 100  # a token with a large scale
-    screen = G.OutputScreen(w)
+    screen = S.OutputScreen(w)
     screen.kernel = kernel
     for M in (1, 3, 8, 2):
         x = torch.randn(M, K, generator=gen, dtype=dtype)
@@ -76,7 +77,7 @@ def test_screen_falls_back_where_logits_overflow():
     w[5] = 1000.0
     x = torch.randn(2, 64, generator=gen)
     x[0], x[1] = -x[0].abs(), 1e35
-    screen = G.OutputScreen(w)
+    screen = S.OutputScreen(w)
     assert not screen.bounds(x)[3]
     assert torch.equal(screen.argmax(screen.bounds(x), lambda s: s), full_argmax(x, w, lambda s: s))
 
@@ -90,7 +91,7 @@ def test_screen_falls_back_where_the_int8_product_overflows():
     w[1, 0] = 1.0
     w[2:] *= torch.sign(torch.randn(V - 2, K, generator=torch.Generator().manual_seed(0)))
     x = torch.full((1, K), 5e34)
-    screen = G.OutputScreen(w)
+    screen = S.OutputScreen(w)
     assert not screen.bounds(x)[3]
     assert torch.equal(screen.argmax(screen.bounds(x), lambda s: s), full_argmax(x, w, lambda s: s))
 
@@ -103,12 +104,12 @@ def test_screen_bound_holds_and_is_tight(dtype):
     gen = torch.Generator().manual_seed(2)
     vocab, K = 1000, 256
     w = (torch.randn(vocab, K, generator=gen) * 0.05).to(dtype)
-    screen = G.OutputScreen(w)
+    screen = S.OutputScreen(w)
     scale = screen.scale.to(dtype)[:, None]
     e = w - scale * torch.round(w / scale).clamp(-127, 127)
     i = 123
     # its largest entries saturate, so that the int8 scale stays that of q_x once the OUTLIERS largest are set apart
-    q_x = torch.round(127 * e[i] / e[i].abs().sort(descending=True).values[G.OUTLIERS]).clamp(-127, 127)
+    q_x = torch.round(127 * e[i] / e[i].abs().sort(descending=True).values[S.OUTLIERS]).clamp(-127, 127)
     xs = [torch.randn(4, K, generator=gen, dtype=dtype), (q_x * 0.01)[None], torch.zeros(1, K, dtype=dtype)]
     xs[2][0, :3] = torch.tensor([1e-40, -1e-39, 3e-41], dtype=dtype)  # subnormal in float32
     for x in xs:
@@ -129,7 +130,7 @@ def test_compiled_bounds_hold():
     gen = torch.Generator().manual_seed(3)
     vocab, K = 1000, 120
     w = torch.randn(vocab, K, generator=gen) * 0.05
-    screen = G.OutputScreen(w)
+    screen = S.OutputScreen(w)
     x = torch.randn(3, K, generator=gen)
     x[:, 5], x[1, 9], x[2, 40:46] = 60.0, -90.0, 25.0  # outlying channels
     compiled = torch.compile(screen.bounds, dynamic=True)
@@ -152,30 +153,30 @@ def test_screen_falls_back_where_it_must(monkeypatch):
     kernel that saturates pairs of products in int16)."""
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(512, 64, generator=gen)
-    screen = G.OutputScreen(w)
+    screen = S.OutputScreen(w)
     x = torch.randn(2, 64, generator=gen)
     x[1, 3] = float("nan")
     assert screen.candidates(screen.bounds(x), lambda s: s) is None
     assert torch.equal(screen.argmax(screen.bounds(x), lambda s: s), full_argmax(x, w, lambda s: s))
     w_inf = w.clone()
     w_inf[3, 3] = float("inf")
-    assert not G.OutputScreen(w_inf).usable
+    assert not S.OutputScreen(w_inf).usable
     w_tiny = w.clone()
     w_tiny[5] *= 1e-45 / w_tiny[5].abs().max()  # a row whose int8 scale would underflow to 0
-    tiny = G.OutputScreen(w_tiny)
+    tiny = S.OutputScreen(w_tiny)
     assert torch.isfinite(tiny.norms).all()
     assert torch.equal(tiny.argmax(tiny.bounds(x[:1]), lambda s: s), full_argmax(x[:1], w_tiny, lambda s: s))
     x_big = x[:1].double() * 1e40  # float64 inputs beyond float32's range
-    screen64 = G.OutputScreen(w.double())
+    screen64 = S.OutputScreen(w.double())
     assert screen64.candidates(screen64.bounds(x_big), lambda s: s) is None
 
     def saturating(a, b):  # a + 128 (uint8) times b, pairs of products added into int16 with saturation
         pairs = ((a[:, None, :].int() + 128) * b.t()[None].int()).view(a.shape[0], b.shape[1], -1, 2).sum(-1)
         return (pairs.clamp(-2 ** 15, 2 ** 15 - 1).sum(-1) - 128 * b.int().sum(0)).int()
 
-    monkeypatch.setattr(G, "_INT_MM_EXACT", {})
+    monkeypatch.setattr(S, "_INT_MM_EXACT", {})
     monkeypatch.setattr(torch, "_int_mm", saturating)
-    assert not G.int_mm_exact(2, 64, 512)
+    assert not S.int_mm_exact(2, 64, 512)
     assert screen.candidates(screen.bounds(x[:1].expand(2, -1).contiguous()), lambda s: s) is None
 
 
@@ -185,8 +186,8 @@ def test_greedy_through_the_screen_matches_transformers(checkpoint, monkeypatch)
     folder, ref = checkpoint("gated-gelu-untied")
     ids, mask = random_batch(96, LENGTHS, seed=12)
     seen = []
-    candidates = G.OutputScreen.candidates
-    monkeypatch.setattr(G.OutputScreen, "candidates", lambda *a: seen.append(candidates(*a)) or seen[-1])
+    candidates = S.OutputScreen.candidates
+    monkeypatch.setattr(S.OutputScreen, "candidates", lambda *a: seen.append(candidates(*a)) or seen[-1])
     for dtype in (torch.float64, torch.float32):
         model = load_model(folder, dtype=dtype)
         for kw in [dict(max_new_tokens=24), dict(max_new_tokens=20, min_new_tokens=8, repetition_penalty=1.5),
@@ -195,12 +196,12 @@ def test_greedy_through_the_screen_matches_transformers(checkpoint, monkeypatch)
             got = model.generate(ids, mask, **kw)
             streamed = torch.stack(list(model.stream(ids, mask, **kw)), 1)
             screened = [c for c in seen if c is not None]
-            assert len(screened) >= len(seen) // 2 > 0 and max(map(len, screened)) < 96 * G.SCREEN_MAX
+            assert len(screened) >= len(seen) // 2 > 0 and max(map(len, screened)) < 96 * S.SCREEN_MAX
             with torch.no_grad():
                 want = ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, **kw)
-            monkeypatch.setattr(G, "SCREEN", False)
+            monkeypatch.setattr(S, "SCREEN", False)
             full = model.generate(ids, mask, **kw)
-            monkeypatch.setattr(G, "SCREEN", True)
+            monkeypatch.setattr(S, "SCREEN", True)
             assert torch.equal(got, full), (dtype, kw)
             assert torch.equal(streamed, got[:, 1:streamed.shape[1] + 1]), (dtype, kw)
             if dtype == torch.float64:
@@ -221,15 +222,15 @@ def test_screen_follows_the_weights(checkpoint, monkeypatch):
 
     def check():
         got = model.generate(ids, mask, max_new_tokens=20)
-        monkeypatch.setattr(G, "SCREEN", False)
+        monkeypatch.setattr(S, "SCREEN", False)
         full = model.generate(ids, mask, max_new_tokens=20)
-        monkeypatch.setattr(G, "SCREEN", True)
+        monkeypatch.setattr(S, "SCREEN", True)
         assert torch.equal(got, full)
         return got
 
     before = check()
-    screen = G._SCREENS[model.lm_head]
-    assert check() is not None and G._SCREENS[model.lm_head] is screen  # kept while unchanged
+    screen = S._SCREENS[model.lm_head]
+    assert check() is not None and S._SCREENS[model.lm_head] is screen  # kept while unchanged
     optimizer = make_optimizer(model, TrainArgs(model="", data="", output="", lr=3e-2))
     model.train()
     loss_sum(model, ids, mask, ids, nullcontext()).backward()
@@ -240,10 +241,10 @@ def test_screen_follows_the_weights(checkpoint, monkeypatch):
     with torch.no_grad():
         for change in (lambda: w.copy_(w[torch.randperm(w.shape[0])]), lambda: w.copy_(w.roll(2, 1)),
                        lambda: w[5, 7].add_(3.0)):
-            screen = G._SCREENS[model.lm_head]
+            screen = S._SCREENS[model.lm_head]
             change()
             check()
-            assert G._SCREENS[model.lm_head] is not screen
+            assert S._SCREENS[model.lm_head] is not screen
 
 
 def test_screen_only_for_a_plain_output_layer(checkpoint):
@@ -252,18 +253,18 @@ def test_screen_only_for_a_plain_output_layer(checkpoint):
     model = load_model(folder, dtype=torch.float32)
     ids, mask = random_batch(96, LENGTHS, seed=14)
     greedy = model.generation_config.update(max_new_tokens=20)
-    assert G.output_screen(model, greedy, 1) is not None  # greedy of 16+ steps only:
+    assert S.output_screen(model, greedy, 1) is not None  # greedy of 16+ steps only:
     for kw in [dict(max_new_tokens=15), dict(num_beams=2), dict(do_sample=True)]:
-        assert G.output_screen(model, greedy.update(**kw), 1) is None
+        assert S.output_screen(model, greedy.update(**kw), 1) is None
     handle = model.lm_head.register_forward_hook(lambda m, i, out: out.index_fill(-1, torch.tensor([1]), -1e9))
-    assert G.output_screen(model, greedy, 1) is None
+    assert S.output_screen(model, greedy, 1) is None
     assert not (model.generate(ids, mask, max_new_tokens=20)[:, 1:] == 1).any()  # the hook banned </s>
     handle.remove()
     w = model.lm_head.weight.detach()
     with torch.no_grad():
         model.lm_head.weight = torch.nn.Parameter(torch.cat([w.new_zeros(1), w.flatten()])[1:].view_as(w))
-    assert G.output_screen(model, greedy, 1) is None
+    assert S.output_screen(model, greedy, 1) is None
     rows = model.generate(ids, mask, max_new_tokens=20)
     model.lm_head.weight = torch.nn.Parameter(w)  # the same values, aligned: the screen's rows
-    assert G.output_screen(model, greedy, 1) is not None
+    assert S.output_screen(model, greedy, 1) is not None
     assert torch.equal(model.generate(ids, mask, max_new_tokens=20), rows)

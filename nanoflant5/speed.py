@@ -1,0 +1,433 @@
+"""The speed machinery of decoding, apart from the algorithms it speeds up (generate.py), behind one object:
+generate.py makes a Speedups for each call (`decoding`) and asks it for the step's output (`head`), greedy tokens
+(`greedy`), beam search's candidates (`top_k`) and the compiled step (`compiled`). What it does:
+
+- faster kernels for a decoding step's linear layers on CPU (fast_linears): nanoflant5's own for 1-4 rows
+  (kernels.py), MKL's packed GEMM for 4-64, with packed copies kept between compiled calls;
+- greedy decoding's output layer read as int8 (OutputScreen), which still picks the full layer's token;
+- argmax and top-k by blocks of the vocabulary on CPU (argmax, top_k), exactly torch's results;
+- torch.compile of the decoding step, with an eager fallback (compiled_step).
+
+None of it changes a token: each piece is tested against the plain path (tests/test_generate.py, test_screen.py,
+test_kernels.py). docs/performance.md has the measurements behind each choice.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+
+from .config import GenerationConfig
+from . import kernels
+from .model import T5
+
+# Faster kernels for the decoding step's linear layers on CPU (see fast_linears): nanoflant5's own for 1-4 rows
+# (kernels.py), MKL's packed GEMM (x86 CPU builds of torch) for more.
+KERNELS = True  # tests switch them off to compare with MKL
+MKL_PACKING = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+PACK_ROWS = range(4, 65)  # rows per step where packing measured faster (benchmarks: flan-t5-small)
+PACK_MIN_STEPS = 16
+KEEP_BYTES = 2 ** 31  # compiled decoding keeps packed copies between calls up to this size (see fast_linears)
+
+
+class Speedups:
+    """What one generate()/stream() call's decoding loops ask of the speed machinery (see `decoding`).
+    screen: greedy decoding's OutputScreen, or None (then the step returns logits)."""
+
+    def __init__(self, model: T5, g: GenerationConfig, rows: int, dtype: torch.dtype, compile: bool, scores: bool):
+        self.model, self.compile = model, compile
+        self.screen = None if scores else output_screen(model, g, rows)
+        # blockwise top-k may order equal entries unlike torch.topk: only where equal scores do not come up (they are
+        # common with half-precision activations)
+        self.blockwise_top_k = dtype in (torch.float32, torch.float64)
+
+    def head(self, hidden):
+        """The decoding step's output for the decoder's last hidden states (N, d_model): float32 logits (N, vocab),
+        or the screen's bounds for the output layer's inputs (computed in the step's graph when compiled)."""
+        if self.screen is not None:
+            return self.screen.bounds(self.model.head_inputs(hidden))
+        return self.model.logits(hidden).float()
+
+    def greedy(self, out, process):
+        """The greedy tokens (N,) from the step's output and `process` (transformers' greedy logits processors, in
+        place): argmax(process(logits)). Uses `out` up."""
+        return self.screen.argmax(out, process) if self.screen is not None else argmax(process(out))
+
+    def top_k(self, scores, k: int):
+        return top_k(scores, k) if self.blockwise_top_k else scores.topk(k)
+
+    def compiled(self, step, device):
+        """The decoding step as the loops call it: through torch.compile (compiled_step) if this call compiles."""
+        return compiled_step(step, device) if self.compile else step
+
+
+@contextmanager
+def decoding(model: T5, g: GenerationConfig, rows: int, dtype: torch.dtype, compile: bool = False,
+             scores: bool = False):
+    """The Speedups of a decoding call of `rows` rows a step in activations of `dtype`; inside the block, the step's
+    linear layers run on the fastest kernels that pay (fast_linears). compile: the step goes through torch.compile
+    (and keeps its packed weights between calls). scores: the caller needs every token's probability (no screen)."""
+    fast = Speedups(model, g, rows, dtype, compile, scores)
+    with fast_linears(model, rows, g.new_tokens, output_layer=fast.screen is None, keep=compile):
+        yield fast
+
+
+def compiled_step(step, device):
+    """torch.compile of a decoding step, with dynamic shapes so one compilation serves every position (and later
+    calls with the same model). If compiling fails (no C++ compiler for the CPU backend, an unsupported setup), one
+    warning, then the eager step."""
+    fast = torch.compile(step, dynamic=True, options={"cpp_wrapper": True} if device.type == "cpu" else None)
+
+    def run(tokens, pos: int):
+        nonlocal fast
+        if fast is not None and pos > 0:  # position 0 runs eagerly: dynamo would compile a graph just for it
+            try:
+                return fast(tokens, pos)
+            except Exception as e:  # a step that fails eagerly too raises again below
+                first_line = (str(e).strip().splitlines() or [""])[0][:300]
+                warnings.warn(f"torch.compile failed, decoding eagerly: {type(e).__name__}: {first_line}")
+                fast = None
+        return step(tokens, pos)
+
+    return run
+
+
+@contextmanager
+def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, keep: bool = False):
+    """Inside the block, a decoding step's linear layers (self- and cross-attention, feed-forward, output layer) run
+    on faster CPU kernels than F.linear, for the number of rows every step feeds, where that pays: CPU, float32, no
+    autocast, 16 or more steps.
+    - 1-4 rows: kernels.rows_linear (built on first use; see kernels.py), which reads each weight once a step, in
+      order, with software prefetch. Compiled generations, against MKL's matrix-vector product (1 row) and packed
+      GEMM (4 rows): flan-t5-small greedy b1 1.02x, beam4 b1 1.19x faster; flan-t5-base 1.05x and 1.22x.
+    - 4-64 rows (5-64 with the kernels): MKL's GEMM on copies of the weights prepacked for `rows` rows. For 4 to 64
+      rows the packed GEMM makes whole generations 1.1-1.3x faster here (1-3 rows: no faster; 128: 1.01x), and
+      packing, which costs about two steps, does not pay for short generations. The copies (~1.35x those weights'
+      memory) are made on entry and dropped on exit, unless keep=True (compiled decoding, which keeps its graphs
+      too) and they take at most KEEP_BYTES (flan-t5-base's: 0.67 GB): then they stay with the layers for the next
+      call with the same row count, which uses them only if the weights still have the fingerprints they had when
+      packed, so weights changed between calls (training) never meet a stale copy. Checking costs a quarter of
+      packing; keeping made compiled beam4 b1 decoding 1.05-1.16x faster here, batch 8 up to 1.05x.
+    output_layer=False: not the output layer (greedy decoding reads it through an OutputScreen)."""
+    linears = [model.lm_head] * output_layer + [linear for b in model.decoder.blocks
+                                 for linear in (b.attn.qkv, b.attn.o, b.cross.q, b.cross.o, b.ffn.wi, b.ffn.wo)]
+    cpu32 = (steps >= PACK_MIN_STEPS and not torch.is_autocast_enabled("cpu")
+             and all(linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32 for linear in linears))
+    if cpu32 and KERNELS and all(kernels.fits(linear.weight, rows) for linear in linears):
+        with forwards(linears, _KERNEL_FORWARDS, torch.ops.nanoflant5_cpu.rows_linear):
+            yield
+        return
+    if not (cpu32 and MKL_PACKING and rows in PACK_ROWS):
+        yield
+        return
+    keep = keep and sum(linear.weight.nbytes for linear in linears) * 1.4 <= KEEP_BYTES  # (copies: ~1.35x)
+    packed = []  # keys of this block's copies
+    try:
+        for linear in linears:
+            w = linear.weight
+            key = (w.data_ptr(), w.shape)
+            _PACKED[key] = pack(linear, rows, keep), rows
+            packed.append(key)
+        with forwards(linears, _FORWARDS, torch.ops.nanoflant5.packed_linear):
+            yield
+    finally:
+        for key in packed:
+            _PACKED.pop(key, None)
+
+
+@contextmanager
+def forwards(linears, cache: weakref.WeakKeyDictionary, op):
+    """Inside the block, each linear layer's forward is op(x, weight=its weight): for each layer and op the same
+    object every call, so a compiled step's guards still hold."""
+    try:
+        for linear in linears:
+            forward = cache.get(linear)
+            if forward is None or forward.keywords["weight"] is not linear.weight:
+                forward = cache[linear] = partial(op, weight=linear.weight)
+            linear.forward = forward
+        yield
+    finally:
+        for linear in linears:
+            linear.__dict__.pop("forward", None)  # back to nn.Linear.forward
+
+
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> (rows, its weight's fingerprint, copy)
+
+
+def pack(linear: nn.Linear, rows: int, keep: bool):
+    """The linear layer's weight packed for `rows` rows: its kept copy if that is still valid (see fast_linears)."""
+    w = linear.weight
+    if not keep or not fingerprintable(w):
+        return _mkl_pack(w, rows)
+    marks = fingerprint(w, random_probe(w.shape[1], w.dtype))
+    kept = _KEPT.get(linear)
+    if kept is None or kept[0] != rows or not same(marks, kept[1]):
+        _KEPT.pop(linear, None)  # the stale copy goes before the new one is made
+        kept = _KEPT[linear] = rows, marks, _mkl_pack(w, rows)
+    return kept[2]
+
+
+# The packed linear as an operator of its own, which torch.compile calls as it is (it cannot trace MKL's packed
+# weights). The packed copies are looked up by the weight's address and shape while fast_linears has them.
+_PACKED: dict[tuple, tuple[torch.Tensor, int]] = {}
+_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> its packed forward
+_KERNEL_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> its rows_linear forward
+if MKL_PACKING:
+    _mkl_linear, _mkl_pack = torch.ops.mkl._mkl_linear, torch.ops.mkl._mkl_reorder_linear_weight
+
+    def _packed_linear(x, weight):
+        packed, rows = _PACKED.get((weight.data_ptr(), weight.shape), (None, 0))
+        if packed is None or x.numel() != rows * x.shape[-1] or x.dtype != weight.dtype:
+            return F.linear(x, weight)
+        return _mkl_linear(x, packed, weight, None, rows)
+
+    if not hasattr(torch.ops.nanoflant5, "packed_linear"):  # once per process (importlib.reload runs this again)
+        _lib = torch.library.Library("nanoflant5", "DEF")
+        _lib.define("packed_linear(Tensor x, Tensor weight) -> Tensor")
+        _lib.impl("packed_linear", lambda x, weight: _packed_linear(x, weight), "CPU")  # the current definition
+        torch.library.register_fake("nanoflant5::packed_linear",
+                                    lambda x, weight: x.new_empty(*x.shape[:-1], weight.shape[0]), lib=_lib)
+
+
+# Greedy decoding's output layer through an int8 screen (OutputScreen). On CPU the output layer is ~40% of the bytes a
+# flan-t5-small step reads; its int8 copy is a quarter of that.
+SCREEN = hasattr(torch, "_int_mm")  # tests switch it off to compare with the full output layer
+SCREEN_MIN_STEPS = 16  # the first call makes the int8 copy (~0.2 s for flan-t5-small): not for short generations
+SCREEN_MAX = 0.25  # more candidate tokens than this fraction of the vocabulary: the full output layer is cheaper
+OUTLIERS = 8  # channels of the output layer's input that the screen multiplies in float32 (OutputScreen.bounds)
+_SCREENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lm_head -> its OutputScreen
+
+
+def output_screen(model: T5, g: GenerationConfig, rows: int):
+    """The OutputScreen of the model's output layer for greedy decoding (no beams, no sampling) on CPU in float32 or
+    float64 (16 or more steps; a plain bias-free nn.Linear without hooks), else None. It is made on first use and kept
+    while the weights keep their fingerprint. rows: per step; 1-8 take kernels.int8_rows where it is built."""
+    lm_head = model.lm_head
+    w = lm_head.weight
+    if (not SCREEN or g.num_beams > 1 or g.do_sample or g.new_tokens < SCREEN_MIN_STEPS
+            or type(lm_head) is not nn.Linear or lm_head.bias is not None
+            or lm_head._forward_hooks or lm_head._forward_pre_hooks or "forward" in lm_head.__dict__
+            or _global_forward_hooks or _global_forward_pre_hooks or w.device.type != "cpu"
+            or w.dtype not in (torch.float32, torch.float64) or not fingerprintable(w)
+            or torch.is_autocast_enabled("cpu")):
+        return None
+    screen = _SCREENS.get(lm_head)
+    if screen is None or screen.q_t.shape != w.shape[::-1] or not screen.fingerprint_matches(w):
+        screen = _SCREENS[lm_head] = OutputScreen(w)
+    screen.weight = w
+    screen.kernel = (KERNELS and rows in kernels.INT8_ROWS and w.shape[1] <= 65536 and kernels.available()
+                     and kernels.INT8)
+    return screen if screen.usable else None
+
+
+def fingerprint(w, probe):
+    """Each row's sum of its bytes read as 64-bit integers (wrapping: any change to one element changes it) and its
+    product with a fixed random vector (a permutation within the row changes that). How a kept OutputScreen is
+    checked against the weights (~3 ms for flan-t5-small's): version counters would not do, as inference tensors
+    have none and fused optimizers do not bump them."""
+    w = w.detach()
+    return w.view(torch.int64).sum(1), w @ probe
+
+
+def fingerprintable(w) -> bool:
+    """Whether fingerprint() can read w's rows as 8-byte words."""
+    size = w.element_size()
+    return w.is_contiguous() and not (w.shape[1] * size) % 8 and not (w.storage_offset() * size) % 8
+
+
+def same(marks, other) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(marks, other))
+
+
+_PROBES: dict = {}
+
+
+def random_probe(n: int, dtype):
+    """The fixed random vector of n entries that fingerprints use."""
+    if (n, dtype) not in _PROBES:
+        _PROBES[n, dtype] = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    return _PROBES[n, dtype]
+
+
+class OutputScreen:
+    """argmax(process(x @ W.T)) for greedy decoding, where W is the output layer's weight (vocab, K) and `process`
+    applies transformers' greedy logits processors, each of which masks tokens or maps every score through a
+    nondecreasing function (repetition penalty, sequence bias). The result is the full output layer's token, but W is
+    read as int8:
+
+    W_i = s_i q_i + e_i (int8 q_i, per-token scale s_i) and x = x_hat + e_x, where x_hat is r q_x (int8 q_x, per-row
+    scale r) but in the few channels with the largest entries, where it keeps x in float32. The exact integer product
+    q_x . q_i (kernels.int8_rows or torch._int_mm) plus those channels' products give approx_i = s_i x_hat . q_i, and
+    by Cauchy-Schwarz
+        |x . W_i - approx_i| = |x . e_i + s_i e_x . q_i| <= ||x|| ||e_i|| + ||e_x|| ||s_i q_i||,
+    plus floating-point rounding (at most K * 2^-22 + 1e-6 of ||x|| ||W_i|| here, in any summation order; Higham,
+    "Accuracy and Stability of Numerical Algorithms", ch. 3). With that bound b_i, every processed score lies in
+    [f(approx_i - b_i), f(approx_i + b_i)], so the best token is among those whose upper end reaches the largest lower
+    end: only they get logits from W in full precision (~10-20 of flan-t5's 32128 tokens per row, measured). Non-finite
+    inputs, or too many candidates, take the full output layer.
+
+    bounds() gives approx_i -+ b_i with tensor operations of fixed shapes, so the compiled decoding step computes them
+    in its own graph; argmax() takes it from there."""
+
+    def __init__(self, weight):
+        w = weight.detach()
+        self.weight = weight
+        self.probe = random_probe(w.shape[1], w.dtype)
+        self.fingerprint = fingerprint(w, self.probe)
+        amax = w.abs().amax(1)
+        self.usable = bool(torch.isfinite(amax).all())
+        self.scale = normal_or_one((amax / 127).float())  # s_i, (vocab,)
+        q = torch.round(w / self.scale[:, None].to(w.dtype)).clamp_(-127, 127)
+        e = torch.addcmul(w, self.scale[:, None].to(w.dtype), q, value=-1)  # e_i, up to rounding (bounded below)
+        u = 2.0 ** -24
+        w_norm = torch.linalg.vector_norm(w, dim=1, dtype=torch.float64)
+        e_norm = (torch.linalg.vector_norm(e, dim=1, dtype=torch.float64) + u * w_norm) * (1 + 3 * u)
+        # per token: ||e_i|| and ||W_i|| + ||e_i|| (>= ||s_i q_i||), rounded up to float32
+        norms = (torch.stack([e_norm, w_norm + e_norm]) * (1 + 2.0 ** -20)).float()
+        self.norms = torch.cat([norms, torch.full_like(norms[:1], 2.0 ** -120)])  # (3, vocab), see bounds
+        # the most by which ||x|| can grow in an intermediate: ||W_i|| + ||e_i|| (approx, b), 127 sqrt(K) (x_hat . q_i);
+        # a tensor, so that a compiled step does not specialize on its value
+        self.growth = torch.tensor(max(float(self.norms[1].max()), 127 * w.shape[1] ** 0.5), dtype=torch.float64)
+        self.q = q.to(torch.int8)  # (vocab, K)
+        self.q_t = self.q.t()  # (K, vocab): the layout _int_mm reads fastest for one row
+        self.q_rows = self.q_t.contiguous()  # the same, row by row: the outlying entries' rows are read from it
+        self.rounding = w.shape[1] * 2.0 ** -22 + 1e-6
+        self.kernel = False  # whether bounds() multiplies with kernels.int8_rows, else torch._int_mm (output_screen)
+
+    def fingerprint_matches(self, weight) -> bool:
+        return same(fingerprint(weight, self.probe), self.fingerprint)
+
+    def argmax(self, bounds, process):
+        """The greedy tokens (M,) from bounds(x) for the output layer's inputs x (M, K). Uses the bounds up: their
+        tensors are processed in place and reused."""
+        x = bounds[0]
+        candidates = self.candidates(bounds, process)
+        if candidates is None:
+            return argmax(process(F.linear(x, self.weight).float()))
+        logits = bounds[2].fill_(float("-inf"))  # (M, vocab): the upper ends' tensor, done with
+        logits[:, candidates] = F.linear(x, self.weight.index_select(0, candidates)).float()
+        # the first best candidate is the first best token, unless a row's every token is masked (then token 0)
+        best, i = process(logits)[:, candidates].max(1)
+        return torch.where(best > float("-inf"), candidates[i], 0)
+
+    def candidates(self, bounds, process):
+        """The tokens (ascending) that may be some row's greedy choice, or None: take the full output layer. Processes
+        the bounds' tensors in place."""
+        x, lower, upper, ok = bounds
+        if not (self.kernel or int_mm_exact(*x.shape, self.q_t.shape[1])) or not bool(ok):
+            return None
+        # each row's largest lower end, clamped to finite (the float32 minimum for a row where every token is masked:
+        # that row then adds no candidates, and gets token 0 from the -inf logits as from the full layer)
+        f32 = torch.finfo(torch.float32)
+        lower = process(lower).amax(1, keepdim=True).clamp_(f32.min, f32.max)
+        # tokens whose upper end reaches it in some row (for several rows: upper - lower >= 0 exactly when upper >=
+        # lower, as float subtraction of distinct finite numbers never rounds to 0, and lower is finite, so no
+        # inf - inf; amax over rows is ~4x faster than any() of a compare)
+        upper = process(upper)
+        reach = upper[0] >= lower[0] if len(upper) == 1 else upper.sub_(lower).amax(0) >= 0
+        candidates = reach.nonzero().squeeze(1)
+        if candidates.numel() > SCREEN_MAX * upper.shape[1] or not candidates.numel():  # (empty: NaN somewhere)
+            return None
+        return candidates
+
+    def bounds(self, x):
+        """(x, approx - b, approx + b, ok) for the output layer's inputs x (M, K): every token's approximate logit
+        approx (M, vocab) minus and plus a bound b on its distance from the logit in float, where ok (a bool tensor)
+        is true; where it is false, the full output layer must run. Tensor operations of fixed shapes only, so that
+        the compiled decoding step computes them in its own graph."""
+        # The OUTLIERS channels with the largest entries (T5's hidden states have a few outlying channels) are
+        # multiplied in float32 with q, so that they do not set the int8 scale of the others.
+        out = x.abs().amax(0).topk(min(OUTLIERS, x.shape[1])).indices
+        x_out = x[:, out].float()  # (M, OUTLIERS)
+        rest = x.index_fill(1, out, 0)
+        r = normal_or_one((rest.abs().amax(1, keepdim=True) / 127).float())  # (M, 1)
+        q_x = torch.round(rest / r.to(x.dtype)).clamp_(-127, 127)
+        # x_hat = what the approximation multiplies: r q_x, and the outlying entries rounded to float32
+        x_hat = (r.double() * q_x.double()).index_copy(1, out, x_out.double())
+        e_x = torch.linalg.vector_norm(x.double() - x_hat, dim=1)
+        a = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64) + e_x  # >= ||x_hat|| and ||x||
+        # one check for all: a non-finite entry of x makes a NaN or infinite, and beyond this bound the integer
+        # product times r, or approx +- b, could overflow float32
+        ok = a.max() * self.growth < 2.0 ** 125
+        # (M, 3) @ (3, vocab): the bound b, a little above the rounding of the sums that use it, plus 2^-120
+        # (rounding in float32's subnormal range is absolute, at most 2^-150 an operation)
+        c = 1 + 1e-5
+        b = torch.stack([a * c, (e_x + self.rounding * a) * c, torch.ones_like(a)], 1).float() @ self.norms
+        q_x = q_x.to(torch.int8)
+        product = torch.ops.nanoflant5_cpu.int8_rows(q_x, self.q) if self.kernel else torch._int_mm(q_x, self.q_t)
+        approx = product * r  # (M, vocab), / s_i
+        rows = self.q_rows.index_select(0, out)  # (OUTLIERS, vocab)
+        if torch.compiler.is_compiling():  # term by term: the compiled step adds them all in one pass
+            for j in range(len(rows)):
+                approx = approx + x_out[:, j, None] * rows[j]
+        else:
+            approx += x_out @ rows.float()
+        approx = approx * self.scale
+        return x, approx - b, approx + b, ok
+
+
+def normal_or_one(scale):
+    """Scales that are normal float32 numbers, 1 in place of others (0 or subnormal: the int8 part is then 0, and the
+    whole value counts as error), so that products with them round relatively."""
+    return torch.where(scale >= torch.finfo(torch.float32).tiny, scale, 1.0)
+
+
+_INT_MM_EXACT: dict[tuple[int, int, int], bool] = {}
+
+
+def int_mm_exact(rows: int, k: int, n: int) -> bool:
+    """Whether torch._int_mm sums int8 products exactly here for (rows, k) x (k, n) inputs, extremes included (a
+    kernel that adds pairs of products in saturating int16 would not). Checked once per shape."""
+    if (rows, k, n) not in _INT_MM_EXACT:
+        gen = torch.Generator().manual_seed(0)
+        a = torch.randint(-127, 128, (rows, k), dtype=torch.int8, generator=gen)
+        block = torch.randint(-127, 128, (64, k), dtype=torch.int8, generator=gen)
+        a[0], a[-1, ::2], block[:16], block[16:32] = 127, -127, 127, -127
+        reps = -(-n // 64)
+        exact = (a.double() @ block.double().t()).repeat(1, reps)[:, :n]  # exact: |sums| < 2^53
+        b = block.repeat(reps, 1)[:n]  # (n, k): the block over and over
+        _INT_MM_EXACT[rows, k, n] = torch.equal(torch._int_mm(a, b.t()).double(), exact)
+    return _INT_MM_EXACT[rows, k, n]
+
+
+
+
+# argmax and top_k over a vocabulary-sized last dimension, by blocks of CHUNK entries: on CPU, torch's argmax and
+# topk scan it element by element, while amax is vectorized. Elsewhere (and for other lengths) torch's own.
+CHUNK = 128
+
+
+def argmax(scores):
+    """scores.argmax(-1) for 2-D scores, exactly (the first maximum of each row, NaN counting as the maximum): the
+    first block holding the row's maximum, then the first maximum within it. ~5x faster than argmax on CPU for
+    flan-t5's vocabulary."""
+    N, n = scores.shape
+    if n % CHUNK or scores.device.type != "cpu":
+        return scores.argmax(-1)
+    blocks = scores.reshape(N, n // CHUNK, CHUNK)
+    block = blocks.amax(-1).argmax(-1, keepdim=True)  # (N, 1)
+    within = blocks.gather(1, block[..., None].expand(-1, -1, CHUNK)).squeeze(1).argmax(-1)
+    return block.squeeze(1) * CHUNK + within
+
+
+def top_k(scores, k: int):
+    """scores.topk(k) for 2-D scores: the k largest entries lie in the k blocks with the largest maxima (any other
+    block's entries are each matched or outdone by k block maxima), so only those k blocks are searched. The same
+    values as topk; equal entries may come in another order. ~7x faster than topk on CPU for beam search's
+    (batch, beams * vocabulary) scores."""
+    N, n = scores.shape
+    if n % CHUNK or n // CHUNK < k or scores.device.type != "cpu":
+        return scores.topk(k)
+    blocks = scores.reshape(N, n // CHUNK, CHUNK)
+    best = blocks.amax(-1).topk(k).indices  # (N, k)
+    values, i = blocks.gather(1, best[..., None].expand(-1, -1, CHUNK)).view(N, k * CHUNK).topk(k)
+    return values, best.gather(1, i // CHUNK) * CHUNK + i % CHUNK
+
