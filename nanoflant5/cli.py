@@ -73,6 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step: a slow first batch (15-40 s on CPU), faster later ones")
 
+    s = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching (pip install "
+                                     "'nanoflant5[serve]')")
+    s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    s.add_argument("--model", default=DEFAULT_MODEL, help=f"local folder or hub id (default {DEFAULT_MODEL})")
+    s.add_argument("--served-model-name", dest="served_model_name", help="the name clients use (default: --model)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    for flag, default, text in [("max-batch-size", 32, "rows decoded together"),
+                                ("max-queue", 128, "requests waiting beyond the batch before 429"),
+                                ("max-input-length", 512, "the longest prompt, in tokens"),
+                                ("max-new-tokens", 512, "the most tokens a request may ask for")]:
+        s.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=int, default=default, help=text)
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    s.add_argument("--dtype", choices=DTYPES + ("float64",), default="float32")
+
     t = sub.add_parser("train", help="fine-tune on a JSONL or TSV file (torchrun for several processes)")
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     t.add_argument("--model", required=True, help="folder or hub id to start from")
@@ -200,17 +215,13 @@ def cmd_generate(args) -> int:
 
 
 def stream_text(token_steps, tokenizer):
-    """Print the text of one sequence as its tokens arrive, a word at a time (a piece's text can depend on the next
-    one), ending with exactly the text generate() would print."""
-    ids, shown = [], ""
+    """Print the text of one sequence as its tokens arrive, ending with exactly the text generate() would print."""
+    from .tokenizer import TextStream
+
+    text = TextStream(tokenizer)
     for tokens in token_steps:
-        ids.append(int(tokens[0]))
-        text = tokenizer.decode(ids)
-        ready = text[:text.rfind(" ") + 1] if " " in text else ""
-        if len(ready) > len(shown) and ready.startswith(shown):
-            print(ready[len(shown):], end="", flush=True)
-            shown = ready
-    print(tokenizer.decode(ids)[len(shown):], flush=True)
+        print(text.push(int(tokens[0])), end="", flush=True)
+    print(text.end(), flush=True)
 
 
 def cmd_train(args) -> int:
@@ -226,11 +237,29 @@ def cmd_train(args) -> int:
     return train(settings)
 
 
+def cmd_serve(args) -> int:
+    for name in ("max_batch_size", "max_queue", "max_input_length", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    import importlib.util
+
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UsageError(f"serving needs {' and '.join(missing)}: pip install 'nanoflant5[serve]'")
+    import torch
+
+    from .serve import serve
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return serve(args.model, args.host, args.port, args.max_batch_size, args.max_queue, args.max_input_length,
+                 args.max_new_tokens, getattr(torch, args.dtype), device, args.served_model_name)
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"generate": cmd_generate, "train": cmd_train}[args.command](args)
+        return {"generate": cmd_generate, "train": cmd_train, "serve": cmd_serve}[args.command](args)
     except UsageError as e:
         if args.debug:
             traceback.print_exc()

@@ -221,11 +221,25 @@ def decoder_steps(model: T5, encoded, attention_mask, copies: int, max_len: int,
     cache = KVCache(model.config, encoded.shape[0] * copies, max_len, encoded.dtype, encoded.device)
 
     def step(tokens, pos: int):
-        x = model.shared(tokens[:, None])  # (N, 1, d_model)
-        hidden = model.decoder(x, bias[:, :, pos:pos + 1, :pos + 1], cross_kv, cross_mask, cache, pos)[:, -1]
-        return fast.head(hidden)
+        return fast.head(decode(model, tokens, bias[:, :, pos:pos + 1, :pos + 1], cross_kv, cross_mask, cache, pos))
 
     return fast.compiled(step, encoded.device), cache
+
+
+def decode(model: T5, tokens, bias, cross_kv, cross_mask, cache: KVCache, pos):
+    """One decoding step of the decoder stack: the last hidden states (N, d_model) after feeding tokens (N,) at
+    position pos (an int, or a LongTensor (N,) of per-row positions), with bias the causal bias's rows for them."""
+    x = model.shared(tokens[:, None])  # (N, 1, d_model)
+    return model.decoder(x, bias, cross_kv, cross_mask, cache, pos)[:, -1]
+
+
+def next_tokens(out, tokens, t: int, g: GenerationConfig, eos: int, rng, fast: Speedups):
+    """The next token (N,) of rows whose tokens so far are tokens[:, :t+1], from the step's output: sampled, or the
+    greedy choice. Processes `out` in place."""
+    process = partial(process_scores, tokens=tokens[:, :t + 1], t=t, g=g, eos=eos, min_keep=1)
+    if g.do_sample:
+        return torch.multinomial(F.softmax(process(out), dim=-1), 1, generator=rng).squeeze(1)
+    return fast.greedy(out, process)
 
 
 def trim(rows, eos: int):
@@ -248,13 +262,8 @@ def token_steps(step, fast: Speedups, N: int, cfg, g: GenerationConfig, rng, dev
     yield tokens[:, :1], total
     for t in range(g.new_tokens):
         out = step(tokens[:, t], t)  # logits (or, greedy, what fast.greedy takes: see decoder_steps)
-        process = partial(process_scores, tokens=tokens[:, :t + 1], t=t, g=g, eos=cfg.eos_token_id, min_keep=1)
-        log_probs = F.log_softmax(out, dim=-1) if want_scores else None  # before `process` changes out in place
-        if g.do_sample:
-            next_token = torch.multinomial(F.softmax(process(out), dim=-1), 1, generator=rng).squeeze(1)
-        else:
-            next_token = fast.greedy(out, process)
-        next_token = next_token.masked_fill(done, cfg.pad_token_id)
+        log_probs = F.log_softmax(out, dim=-1) if want_scores else None  # before next_tokens changes out in place
+        next_token = next_tokens(out, tokens, t, g, cfg.eos_token_id, rng, fast).masked_fill(done, cfg.pad_token_id)
         if want_scores:
             total = total + log_probs.gather(1, next_token[:, None]).squeeze(1).masked_fill(done, 0.0)
         tokens[:, t + 1] = next_token
@@ -270,9 +279,19 @@ def _gather(x, index):
 
 
 def beam_search(step, fast: Speedups, cache: KVCache, batch: int, cfg, g: GenerationConfig, rng, device):
-    """Beam search as transformers runs it: at each step keep the 2*num_beams best continuations over all beams of
-    an input (or, when sampling, 2*num_beams drawn without replacement); the best num_beams that did not end
-    continue; those among the top num_beams that ended (</s> or the length limit) compete, scored
+    """beam_steps run to the end: (rows, scores)."""
+    steps = beam_steps(step, fast, cache, batch, cfg, g, rng, device)
+    while True:
+        try:
+            next(steps)
+        except StopIteration as end:
+            return end.value
+
+
+def beam_steps(step, fast: Speedups, cache: KVCache, batch: int, cfg, g: GenerationConfig, rng, device):
+    """Beam search, yielding (None) after each step and returning (rows, scores), as transformers runs it: at each
+    step keep the 2*num_beams best continuations over all beams of an input (or, when sampling, 2*num_beams drawn
+    without replacement); the best num_beams that did not end continue; those among the top num_beams that ended (</s> or the length limit) compete, scored
     sum(log p) / length**length_penalty, for the num_beams finished slots. early_stopping: True stops an input once
     num_beams hypotheses are finished; False stops when the best running beam, at its current length, cannot beat
     the worst finished one; "never" assumes it could grow to the length limit."""
@@ -337,6 +356,7 @@ def beam_search(step, fast: Speedups, cache: KVCache, batch: int, cfg, g: Genera
             all_full = bool(is_finished.all()) and g.early_stopping is True
             if not bool(improvable.any()) or all_full or bool(stops.all()):
                 break
+        yield
 
     n = g.num_return_sequences
     out = finished[:, :n].reshape(B * n, L)

@@ -138,16 +138,22 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.inner_dim, bias=False)  # q, k and v fused
         self.o = nn.Linear(config.inner_dim, config.d_model, bias=False)
 
-    def forward(self, x, bias, cache=None, pos: int = 0, index=None):
+    def forward(self, x, bias, cache=None, pos=0, index=None):
         """cache: this layer's buffer (max_len, B, 2, H, D) in the decoder's KVCache; the new keys and values are
-        written at positions pos..pos+T-1 and attention reads positions 0..pos+T-1. index: the KVCache's index
-        (beam search), where each row's earlier keys and values lie in the buffer."""
+        written at positions pos..pos+T-1 and attention reads positions 0..pos+T-1. pos may also be a LongTensor (B,)
+        of per-row positions for one new token a row (continuous batching: rows at different positions); attention
+        then reads the bias's width of positions, and the bias masks each row's later ones. index: the KVCache's
+        index (beam search), where each row's earlier keys and values lie in the buffer."""
         B, T, _ = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_heads, self.d_kv)
         if cache is not None:
-            cache[pos:pos + T] = qkv[:, :, 1:].transpose(0, 1)  # (T, B, 2, H, D)
+            if torch.is_tensor(pos):  # row i's keys and values at (pos[i], i)
+                cache[pos, torch.arange(B, device=x.device)] = qkv[:, 0, 1:]  # (B, 2, H, D)
+                kv = cache[:bias.shape[-1]]
+            else:
+                cache[pos:pos + T] = qkv[:, :, 1:].transpose(0, 1)  # (T, B, 2, H, D)
+                kv = cache[:pos + T]
             q = qkv[:, :, 0].transpose(1, 2)  # (B, H, T, D)
-            kv = cache[:pos + T]
             if index is not None:  # gather each row's own history
                 kv = kv.flatten(0, 1).index_select(0, index[:pos + T].flatten()).view(kv.shape)
             k, v = kv.permute(2, 1, 3, 0, 4)  # 2 x (B, H, pos+T, D), strided views
@@ -232,7 +238,7 @@ class DecoderBlock(nn.Module):
         self.ffn_norm, self.ffn = RMSNorm(config.d_model, eps), FeedForward(config)
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, x, bias, memory, cross_mask, cache=None, pos: int = 0, index=None):
+    def forward(self, x, bias, memory, cross_mask, cache=None, pos=0, index=None):
         x = x + self.dropout(self.attn(self.attn_norm(x), bias, cache, pos, index))
         x = x + self.dropout(self.cross(self.cross_norm(x), memory, cross_mask))
         return x + self.dropout(self.ffn(self.ffn_norm(x)))
@@ -304,10 +310,10 @@ class Decoder(nn.Module):
         """Every layer's cross-attention keys and values for the encoder output."""
         return [block.cross.project(encoded) for block in self.blocks]
 
-    def forward(self, x, bias, memory, cross_mask, cache=None, pos: int = 0):
-        """x: embedded decoder input (B, T, d_model) at positions pos..pos+T-1; bias: causal_bias rows for them;
-        memory: the encoder output, or project() of it (generation: computed once, reused every step);
-        cache: a KVCache (generation) or None (teacher forcing)."""
+    def forward(self, x, bias, memory, cross_mask, cache=None, pos=0):
+        """x: embedded decoder input (B, T, d_model) at positions pos..pos+T-1 (or, T = 1, at per-row positions pos,
+        a LongTensor (B,)); bias: causal_bias rows for them; memory: the encoder output, or project() of it
+        (generation: computed once, reused every step); cache: a KVCache (generation) or None (teacher forcing)."""
         x = self.dropout(x)
         for i, block in enumerate(self.blocks):
             layer_cache, index = (None, None) if cache is None else (cache.kv[i], cache.index)
@@ -330,6 +336,17 @@ class KVCache:
         shape = (max_len, batch, 2, config.num_heads, config.d_kv)
         self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_decoder_layers)]
         self.index = None  # until the first reorder: every row's history is its own
+
+    def rows(self, n: int) -> "KVCache":
+        """The same buffers' first n rows (views): continuous batching keeps its running rows first."""
+        view = KVCache.__new__(KVCache)
+        view.kv, view.index = [buf[:, :n] for buf in self.kv], None
+        return view
+
+    def move_row(self, src: int, dst: int, length: int):
+        """Copy row src's keys and values at positions 0..length-1 into row dst."""
+        for buf in self.kv:
+            buf[:length, dst] = buf[:length, src]
 
     def reorder(self, parents, length: int):
         """Beam search: row i of the batch continues row parents[i]; only the first `length` positions are in use

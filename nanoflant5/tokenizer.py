@@ -131,3 +131,38 @@ class Tokenizer:
 
     def batch_decode(self, rows, skip_special_tokens: bool = True) -> list[str]:
         return [self.decode(r, skip_special_tokens) for r in rows]
+
+    def token_text(self, token_id: int) -> str:
+        """One token's own text (its SentencePiece piece, word boundary as a space), as servers report tokens."""
+        return (self._tok.id_to_token(token_id) or "").replace("\u2581", " ")
+
+
+class TextStream:
+    """The text of one sequence as its tokens arrive: push() returns the text that is ready (up to the last space: a
+    piece's text can depend on the next one; and not the last `hold` characters: a server holds back what could be
+    the start of a stop string), end() the rest, so that the pieces add up to exactly decode(ids)."""
+
+    def __init__(self, tokenizer: Tokenizer, hold: int = 0):
+        self.tokenizer, self.hold, self.ids, self.shown, self.text = tokenizer, hold, [], "", ""
+
+    def push(self, token_id: int) -> str:
+        self.add(token_id)
+        return self.release()
+
+    def add(self, token_id: int):
+        """Take a token (self.text is the whole text so far) without releasing text yet."""
+        self.ids.append(token_id)
+        self.text = self.tokenizer.decode(self.ids)
+
+    def release(self) -> str:
+        ready = self.text[:self.text.rfind(" ") + 1] if " " in self.text else ""
+        ready = ready[:max(0, len(self.text) - self.hold)]
+        if len(ready) > len(self.shown) and ready.startswith(self.shown):
+            return self.end(ready)
+        return ""
+
+    def end(self, text: str | None = None) -> str:
+        """The rest of the text (or of `text`: the text cut at a stop string)."""
+        text = self.text if text is None else text
+        new, self.shown = text[len(self.shown):], text
+        return new
