@@ -20,14 +20,16 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from .generate import beam_steps, decode, decoder_steps, next_tokens, prepare
+from .config import GenerationConfig
+from .generate import beam_steps, changes_scores, decode, decoder_steps, next_tokens, prepare, process_scores
 from .model import T5, KVCache
-from .speed import Speedups
+from .speed import Speedups, fast_linears, output_screen
 
 
 @dataclass
@@ -83,6 +85,7 @@ class Engine:
         self.plain = None  # Speedups without the screen: every row's logits
         self._ids = itertools.count()
         self.step_rows = 0  # rows the last step decoded
+        self._screen = None  # the OutputScreen, False where there is none (see screen())
 
     # ------------------------------------------------------------------------------------------------ requests
 
@@ -205,19 +208,33 @@ class Engine:
         L = max(self.pos) + 1
         pos = torch.tensor(self.pos, device=self.device)
         bias = self.bias[0, :, pos, :L].transpose(0, 1).unsqueeze(2)  # (N, H, 1, L)
-        hidden = decode(self.model, self.last, bias, self.cross_kv, self.cross_mask, self.cache.rows(N), pos)
-        logits = self.model.logits(hidden).float()  # (N, vocab)
-        chosen = self.last.clone()
-        where: dict[int, list[int]] = {}  # request id -> its rows, in the order of its sequences
+        where: dict[int, torch.Tensor] = {}  # request id -> its rows, in the order of its sequences
         for i, (r, j) in enumerate(self.slots):
             where.setdefault(r.id, [0] * r.n)[j] = i
-        finished, failed = [], []
+        where = {k: torch.tensor(v, device=self.device) for k, v in where.items()}
+        # greedy requests only, no log-probabilities asked for: the output layer through the int8 screen
+        screen = None if any(r.g.do_sample or r.logprobs is not None for r in self.running) else self.screen(N)
+        with fast_linears(self.model, N, self.max_new_tokens, output_layer=screen is None, packing=False):
+            hidden = decode(self.model, self.last, bias, self.cross_kv, self.cross_mask, self.cache.rows(N), pos)
+            if screen is None:
+                logits = self.model.logits(hidden).float()  # (N, vocab)
+            else:
+                failed = {}
+                greedy = screen.argmax(screen.bounds(self.model.head_inputs(hidden)),
+                                       partial(self._process, where=where, failed=failed))
+        chosen = self.last.clone()
+        finished, failures = [], []
         for r in self.running:
-            rows = torch.tensor(where[r.id], device=self.device)
+            rows = where[r.id]
             try:
-                token = self._choose(r, logits.index_select(0, rows))
+                if screen is None:
+                    token = self._choose(r, logits.index_select(0, rows))
+                elif r.id in failed:
+                    raise failed[r.id]
+                else:
+                    token = self._record(r, greedy.index_select(0, rows))
             except Exception as e:  # this request fails; the others go on
-                failed.append((r, e))
+                failures.append((r, e))
                 continue
             chosen[rows] = token
             if bool(r.done.all()) or r.t >= r.g.new_tokens or r.cancelled:
@@ -226,17 +243,46 @@ class Engine:
         self.pos = [p + 1 for p in self.pos]
         for r in finished:
             self._finish(r, r.tokens[:, :r.t + 1])
-        for r, e in failed:
+        for r, e in failures:
             self._finish(r, error=e)
+
+    def screen(self, rows: int):
+        """The model's OutputScreen (speed.py) for greedy steps of `rows` rows, where it applies, else None. Made
+        (or checked against the weights) once: the engine owns its model, whose weights do not change under it."""
+        if self._screen is None:
+            self._screen = output_screen(self.model, GenerationConfig(max_new_tokens=self.max_new_tokens), rows)
+            self._screen = self._screen or False
+        if self._screen:
+            self._screen.use_rows(rows)
+        return self._screen or None
+
+    def _process(self, scores, where, failed):
+        """Each greedy request's logits processors on its rows of scores (N, vocab), in place (the screen's
+        `process`); a request whose processing fails is noted in `failed` and left out."""
+        eos = self.cfg.eos_token_id
+        for r in self.running:
+            if r.id not in failed and changes_scores(r.g, r.t):
+                rows = where[r.id]
+                try:
+                    scores[rows] = process_scores(scores.index_select(0, rows), r.tokens[:, :r.t + 1], r.t, r.g, eos,
+                                                  min_keep=1)
+                except Exception as e:  # noqa: BLE001 - that request fails at the end of the step
+                    failed[r.id] = e
+        return scores
 
     def _choose(self, r: Request, out):
         """Request r's next tokens from its rows' logits (as generate() chooses them), recorded in r."""
         log_probs = F.log_softmax(out, dim=-1) if r.logprobs is not None else None  # before out is processed
         token = next_tokens(out, r.tokens, r.t, r.g, self.cfg.eos_token_id, r.rng, self.plain)
-        token = token.masked_fill(r.done, self.cfg.pad_token_id)
         if log_probs is not None:
             top = log_probs.topk(max(r.logprobs, 1))
-            r.top_logprobs.append((log_probs.gather(1, token[:, None]).squeeze(1), top.values, top.indices))
+            masked = token.masked_fill(r.done, self.cfg.pad_token_id)
+            r.top_logprobs.append((log_probs.gather(1, masked[:, None]).squeeze(1), top.values, top.indices))
+        return self._record(r, token)
+
+    def _record(self, r: Request, token):
+        """Request r's chosen tokens (n,) for this step: padding for rows that ended, then recorded in r."""
+        token = token.masked_fill(r.done, self.cfg.pad_token_id)
         r.tokens[:, r.t + 1] = token
         r.done |= token == self.cfg.eos_token_id
         r.t += 1

@@ -99,6 +99,13 @@ def process_scores(scores, tokens, t: int, g: GenerationConfig, eos: int, min_ke
     return scores
 
 
+def changes_scores(g: GenerationConfig, t: int) -> bool:
+    """Whether process_scores changes anything for greedy decoding at step t (else it can be skipped)."""
+    n = g.no_repeat_ngram_size
+    return bool(g.sequence_bias or g.repetition_penalty != 1.0 or (n > 0 and t + 1 >= n) or g.bad_words_ids
+                or t < g.min_tokens or g.suppress_tokens or (g.begin_suppress_tokens and t == 0))
+
+
 def ban(scores, tokens):
     """scores[i, tokens[i, j]] = -inf in place, for tokens (N, k); the vocabulary size as a token bans nothing."""
     V = scores.shape[-1]
@@ -291,10 +298,11 @@ def beam_search(step, fast: Speedups, cache: KVCache, batch: int, cfg, g: Genera
 def beam_steps(step, fast: Speedups, cache: KVCache, batch: int, cfg, g: GenerationConfig, rng, device):
     """Beam search, yielding (None) after each step and returning (rows, scores), as transformers runs it: at each
     step keep the 2*num_beams best continuations over all beams of an input (or, when sampling, 2*num_beams drawn
-    without replacement); the best num_beams that did not end continue; those among the top num_beams that ended (</s> or the length limit) compete, scored
-    sum(log p) / length**length_penalty, for the num_beams finished slots. early_stopping: True stops an input once
-    num_beams hypotheses are finished; False stops when the best running beam, at its current length, cannot beat
-    the worst finished one; "never" assumes it could grow to the length limit."""
+    without replacement); the best num_beams that did not end continue; those among the top num_beams that ended
+    (</s> or the length limit) compete, scored sum(log p) / length**length_penalty, for the num_beams finished
+    slots. early_stopping: True stops an input once num_beams hypotheses are finished; False stops when the best
+    running beam, at its current length, cannot beat the worst finished one; "never" assumes it could grow to the
+    length limit."""
     B, nb, L, lp = batch, g.num_beams, g.new_tokens + 1, g.length_penalty
     k = 2 * nb
     eos = cfg.eos_token_id

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -179,12 +180,14 @@ def chat_prompt(messages) -> str:
 
 class Output:
     """One prompt's request in flight: its engine Request, the text of each of its n rows as it grows, and the
-    events (deltas, then the end) that the HTTP side awaits."""
+    events (deltas, then the end) that the HTTP side awaits: (index of the prompt, "delta", row, text) and
+    (index, "done", error or None), in a queue shared by the call's prompts."""
 
-    def __init__(self, server: "Server", call: Call, ids: list[int], seed: int | None):
+    def __init__(self, server: "Server", call: Call, ids: list[int], seed: int | None, index: int,
+                 events: asyncio.Queue):
         self.server, self.call = server, call
         self.loop = asyncio.get_running_loop()
-        self.events: asyncio.Queue = asyncio.Queue()
+        self.index, self.events = index, events
         self.prompt_tokens = len(ids)
         n = call.n
         hold = max(map(len, call.stop), default=1) - 1  # the start of a stop string is not sent early
@@ -197,8 +200,8 @@ class Output:
         self.request = Request(ids, dict(call.settings), seed=seed,
                                logprobs=call.logprobs, on_step=self.on_step, on_done=self.on_done)
 
-    def post(self, *event):
-        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+    def post(self, *event):  # (engine thread) delivered to the event loop after the step: Worker.flush
+        self.server.worker.outbox.append((self.loop, self.events, (self.index, *event)))
 
     # engine thread
     def on_step(self, request: Request, tokens):
@@ -253,49 +256,53 @@ class Output:
 
 
 class Worker:
-    """The thread that owns the model: it takes requests from its inbox and runs the engine's steps while any are
-    in flight. A step that fails as a whole (not one request's) fails the requests in flight, and the loop goes on."""
+    """The loop that owns the model, in the process' main thread (torch's CPU thread pool runs ~2x slower from other
+    threads here; the HTTP side runs in a thread of its own): it takes requests from its inbox and runs the
+    engine's steps while any are in flight. A step that fails as a whole (not one request's) fails the requests in
+    flight, and the loop goes on."""
 
     def __init__(self, engine: Engine, metrics):
         self.engine, self.metrics = engine, metrics
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self.run, name="nanoflant5-engine", daemon=True)
-
-    def start(self):
-        self.thread.start()
-
-    def stop(self):
-        """Finish what is in flight, then end the thread."""
-        self.inbox.put(None)
-        self.thread.join()
-
-    @property
-    def alive(self) -> bool:
-        return self.thread.is_alive()
+        self.outbox: list = []  # (event loop, queue, event) posted during a step
+        self.alive = True  # until run() ends
 
     def queued(self) -> int:
         return self.inbox.qsize() + len(self.engine.waiting)
 
-    def run(self):
-        stopping = False
-        while not (stopping and not self.engine.busy):
-            items = [] if self.engine.busy or stopping else [self.inbox.get()]
+    def run(self, until):
+        """Step while requests are in flight; return once until() is true and none are left."""
+        try:
             while True:
-                try:
-                    items.append(self.inbox.get_nowait())
-                except queue.Empty:
-                    break
-            for item in items:
-                if item is None:
-                    stopping = True
-                else:
-                    self.engine.submit(item)
-            if self.engine.busy:
+                if not self.engine.busy:
+                    if until() and self.inbox.empty():
+                        return
+                    try:
+                        self.engine.submit(self.inbox.get(timeout=0.05))
+                    except queue.Empty:
+                        continue
+                while not self.inbox.empty():
+                    self.engine.submit(self.inbox.get_nowait())
                 try:
                     self.engine.step()
                 except Exception as e:  # noqa: BLE001 - the whole step failed: its requests get the error
                     self.engine.fail_all(e)
                 self.metrics.step(self.engine.step_rows + len(self.engine.beam_requests))
+                self.flush()
+        except BaseException:
+            self.alive = False
+            raise
+
+    def flush(self):
+        """Hand the step's events to the event loop in one call (one wake-up a step, not one per token)."""
+        if self.outbox:
+            events, self.outbox = self.outbox, []
+            events[0][0].call_soon_threadsafe(deliver, events)
+
+
+def deliver(events):
+    for _, queue_, event in events:
+        queue_.put_nowait(event)
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -393,14 +400,14 @@ class Server:
         if self.worker.queued() + len(call.prompts) > self.max_queue:
             raise ApiError(429, f"the queue is full ({self.max_queue} requests): try again shortly",
                            kind="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-        outs = []
+        outs, events = [], asyncio.Queue()
         for i, prompt in enumerate(call.prompts):
             ids = self.tokenizer.encode_ids(prompt)
             if len(ids) > self.max_input_length:
                 raise ApiError(400, f"the prompt is {len(ids)} tokens, more than {self.max_input_length}",
                                "messages" if call.chat else "prompt")
             seed = None if call.seed is None else call.seed + i
-            out = Output(self, call, ids, seed)
+            out = Output(self, call, ids, seed, i, events)
             try:
                 self.engine.check(out.request)
             except ValueError as e:
@@ -463,56 +470,53 @@ def create_app(server: Server) -> FastAPI:
         if call.stream:
             return StreamingResponse(stream(call, outs), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
+        watch = asyncio.create_task(disconnect(http, outs))
         try:
-            errors = await asyncio.gather(*(finish(http, out) for out in outs))
+            errors = await finish(outs)
         finally:
+            watch.cancel()
             server.cancel(outs)
         for e in errors:
             if e is not None:
                 raise ApiError(500, f"generation failed: {type(e).__name__}: {e}", kind="server_error")
         return response(call, outs)
 
-    async def finish(http: HttpRequest, out: Output):
-        """Wait for out's end (its deltas are in out.final); a client that goes away cancels it."""
-        while True:
-            try:
-                kind, *rest = await asyncio.wait_for(out.events.get(), timeout=0.05)
-            except asyncio.TimeoutError:
-                if await http.is_disconnected():
-                    server.engine.cancel(out.request)
-                    return None
-                continue
+    async def finish(outs: list[Output]) -> list:
+        """Wait for every prompt's end (the texts are then in out.final): None, or the error each failed with."""
+        errors, remaining = [None] * len(outs), len(outs)
+        while remaining:
+            i, kind, *rest = await outs[0].events.get()
             if kind == "done":
-                return rest[0]
+                errors[i], remaining = rest[0], remaining - 1
+        return errors
+
+    async def disconnect(http: HttpRequest, outs: list[Output]):
+        """When the client goes away (ASGI's receive() answers http.disconnect), its requests are cancelled: their
+        rows are freed at the next step."""
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        server.cancel(outs)
+        for out in outs:
+            out.events.put_nowait((out.index, "done", None))
 
     async def stream(call: Call, outs: list[Output]):
         """Server-sent events: a chunk per delta as the engine makes it, one per ended row, then [DONE]."""
         try:
-            merged: asyncio.Queue = asyncio.Queue()
-
-            async def pump(i, out):
-                while True:
-                    event = await out.events.get()
-                    await merged.put((i, event))
-                    if event[0] == "done":
-                        return
-
-            tasks = [asyncio.create_task(pump(i, out)) for i, out in enumerate(outs)]
             if call.chat:
                 for j in range(call.n):
                     yield sse(chunk(call, [dict(index=j, delta={"role": "assistant", "content": ""},
                                                 finish_reason=None)]))
             remaining = len(outs)
             while remaining:
-                i, event = await merged.get()
+                i, kind, *rest = await outs[0].events.get()
                 out = outs[i]
-                if event[0] == "delta":
-                    _, j, text = event
+                if kind == "delta":
+                    j, text = rest
                     yield sse(chunk(call, [choice(call, out, i * call.n + j, text, None, stream=True)]))
                     continue
                 remaining -= 1
-                if event[1] is not None:
-                    error = ApiError(500, f"generation failed: {type(event[1]).__name__}: {event[1]}",
+                if rest[0] is not None:
+                    error = ApiError(500, f"generation failed: {type(rest[0]).__name__}: {rest[0]}",
                                      kind="server_error")
                     yield sse(error.body())
                     continue
@@ -521,7 +525,6 @@ def create_app(server: Server) -> FastAPI:
             if call.include_usage:
                 yield sse(chunk(call, [], usage(outs)))
             yield "data: [DONE]\n\n"
-            await asyncio.gather(*tasks)
         finally:  # a client that went away: its rows are freed at the next step
             server.cancel(outs)
 
@@ -592,26 +595,26 @@ def serve(model_name: str, host: str = "127.0.0.1", port: int = 8000, max_batch_
     model = T5.from_pretrained(model_name, dtype=dtype, device=device)
     server = Server(model, Tokenizer.from_pretrained(model_name), served_name or str(model_name), max_batch_size,
                     max_queue, max_input_length, max_new_tokens)
-    server.worker.start()
     app = create_app(server)
 
-    class Uvicorn(uvicorn.Server):
-        """On the first SIGTERM/SIGINT: drain (new requests and /health answer 503) until every request in flight
-        has finished, then uvicorn's own shutdown (which waits for the last responses to go out). A second signal
-        goes straight to uvicorn (a second Ctrl-C forces the exit)."""
-
-        def handle_exit(self, sig, frame):
-            if server.draining:
-                return super().handle_exit(sig, frame)
-            server.draining = True
-            threading.Thread(target=self.drain, args=(sig, frame), daemon=True).start()
-
-        def drain(self, sig, frame):
-            while server.worker.alive and (server.engine.busy or server.worker.queued()):
-                time.sleep(0.02)
-            self.should_exit = True  # (not handle_exit: uvicorn would re-raise the signal at the end, not exit 0)
-
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=None)
-    Uvicorn(config).run()
-    server.worker.stop()
+    web = uvicorn.Server(config)  # in a thread: it installs no signal handlers there
+    thread = threading.Thread(target=web.run, name="nanoflant5-http", daemon=True)
+
+    def on_signal(sig, frame):
+        """First SIGTERM/SIGINT: drain (new requests and /health answer 503) while the requests in flight finish;
+        a second one stops at once."""
+        if server.draining:
+            web.should_exit = web.force_exit = True
+        server.draining = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    thread.start()
+    server.worker.run(until=lambda: server.draining or not thread.is_alive())
+    web.should_exit = True  # uvicorn's own shutdown waits for the last responses to go out; the loop serves any
+    server.worker.run(until=lambda: not thread.is_alive())  # request that got in just before draining began
+    thread.join()
+    if not web.started:
+        raise OSError(f"could not serve on {host}:{port} (in use?)")
     return 0

@@ -101,7 +101,8 @@ def compiled_step(step, device):
 
 
 @contextmanager
-def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, keep: bool = False):
+def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, keep: bool = False,
+                 packing: bool = True):
     """Inside the block, a decoding step's linear layers (self- and cross-attention, feed-forward, output layer) run
     on faster CPU kernels than F.linear, for the number of rows every step feeds, where that pays: CPU, float32, no
     autocast, 16 or more steps.
@@ -116,7 +117,8 @@ def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, ke
       call with the same row count, which uses them only if the weights still have the fingerprints they had when
       packed, so weights changed between calls (training) never meet a stale copy. Checking costs a quarter of
       packing; keeping made compiled beam4 b1 decoding 1.05-1.16x faster here, batch 8 up to 1.05x.
-    output_layer=False: not the output layer (greedy decoding reads it through an OutputScreen)."""
+    output_layer=False: not the output layer (greedy decoding reads it through an OutputScreen). packing=False: no
+    packed copies (continuous batching, whose row count changes from step to step), only the kernels."""
     linears = [model.lm_head] * output_layer + [linear for b in model.decoder.blocks
                                  for linear in (b.attn.qkv, b.attn.o, b.cross.q, b.cross.o, b.ffn.wi, b.ffn.wo)]
     cpu32 = (steps >= PACK_MIN_STEPS and not torch.is_autocast_enabled("cpu")
@@ -125,7 +127,7 @@ def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, ke
         with forwards(linears, _KERNEL_FORWARDS, torch.ops.nanoflant5_cpu.rows_linear):
             yield
         return
-    if not (cpu32 and MKL_PACKING and rows in PACK_ROWS):
+    if not (cpu32 and packing and MKL_PACKING and rows in PACK_ROWS):
         yield
         return
     keep = keep and sum(linear.weight.nbytes for linear in linears) * 1.4 <= KEEP_BYTES  # (copies: ~1.35x)
@@ -223,8 +225,7 @@ def output_screen(model: T5, g: GenerationConfig, rows: int):
     if screen is None or screen.q_t.shape != w.shape[::-1] or not screen.fingerprint_matches(w):
         screen = _SCREENS[lm_head] = OutputScreen(w)
     screen.weight = w
-    screen.kernel = (KERNELS and rows in kernels.INT8_ROWS and w.shape[1] <= 65536 and kernels.available()
-                     and kernels.INT8)
+    screen.use_rows(rows)
     return screen if screen.usable else None
 
 
@@ -301,6 +302,11 @@ class OutputScreen:
         self.q_rows = self.q_t.contiguous()  # the same, row by row: the outlying entries' rows are read from it
         self.rounding = w.shape[1] * 2.0 ** -22 + 1e-6
         self.kernel = False  # whether bounds() multiplies with kernels.int8_rows, else torch._int_mm (output_screen)
+
+    def use_rows(self, rows: int):
+        """Multiply `rows` rows a step: with kernels.int8_rows where it is built and takes them, else _int_mm."""
+        self.kernel = (KERNELS and rows in kernels.INT8_ROWS and self.q.shape[1] <= 65536 and kernels.available()
+                       and kernels.INT8)
 
     def fingerprint_matches(self, weight) -> bool:
         return same(fingerprint(weight, self.probe), self.fingerprint)

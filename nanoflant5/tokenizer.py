@@ -138,9 +138,10 @@ class Tokenizer:
 
 
 class TextStream:
-    """The text of one sequence as its tokens arrive: push() returns the text that is ready (up to the last space: a
-    piece's text can depend on the next one; and not the last `hold` characters: a server holds back what could be
-    the start of a stop string), end() the rest, so that the pieces add up to exactly decode(ids)."""
+    """The text of one sequence as its tokens arrive: push() returns the new text (T5's pieces decode to whole
+    characters, and a piece does not change the text before it; whatever would not extend the text shown so far is
+    held back, as are the last `hold` characters: a server holds back what could be the start of a stop string),
+    end() the rest, so that the pieces add up to exactly decode(ids)."""
 
     def __init__(self, tokenizer: Tokenizer, hold: int = 0):
         self.tokenizer, self.hold, self.ids, self.shown, self.text = tokenizer, hold, [], "", ""
@@ -155,8 +156,7 @@ class TextStream:
         self.text = self.tokenizer.decode(self.ids)
 
     def release(self) -> str:
-        ready = self.text[:self.text.rfind(" ") + 1] if " " in self.text else ""
-        ready = ready[:max(0, len(self.text) - self.hold)]
+        ready = self.text[:max(0, len(self.text) - self.hold)]
         if len(ready) > len(self.shown) and ready.startswith(self.shown):
             return self.end(ready)
         return ""

@@ -103,24 +103,51 @@ def test_cancelled_request_frees_its_rows_and_others_go_on(model):
         assert torch.equal(r.rows, alone(model, p, s, None))
 
 
-def test_a_failing_request_fails_alone(model, monkeypatch):
+@pytest.mark.parametrize("logprobs", [None, 2])  # greedy steps through the int8 screen, or the full logits
+def test_a_failing_request_fails_alone(model, monkeypatch, logprobs):
     import nanoflant5.engine as E
 
     engine = Engine(model, max_batch_size=4, max_new_tokens=32)
     ids = prompts()
-    good = engine.submit(Request(ids[0], dict(max_new_tokens=12)))
-    bad = engine.submit(Request(ids[1], dict(max_new_tokens=12, repetition_penalty=1.2)))
-    real = E.next_tokens
+    good = engine.submit(Request(ids[0], dict(max_new_tokens=20), logprobs=logprobs))
+    bad = engine.submit(Request(ids[1], dict(max_new_tokens=20, repetition_penalty=1.2)))
+    real_next, real_process = E.next_tokens, E.process_scores
 
-    def broken(out, tokens, t, g, *a):
-        if g.repetition_penalty != 1.0 and t == 3:
-            raise RuntimeError("boom")
-        return real(out, tokens, t, g, *a)
+    def broken(real):
+        def call(out, tokens, t, g, *a, **kw):
+            if g.repetition_penalty != 1.0 and t == 3:
+                raise RuntimeError("boom")
+            return real(out, tokens, t, g, *a, **kw)
+        return call
 
-    monkeypatch.setattr(E, "next_tokens", broken)
+    monkeypatch.setattr(E, "next_tokens", broken(real_next))
+    monkeypatch.setattr(E, "process_scores", broken(real_process))
     engine.run_until_idle()
     assert isinstance(bad.error, RuntimeError) and bad.rows is None
-    assert good.error is None and torch.equal(good.rows, alone(model, ids[0], dict(max_new_tokens=12), None))
+    assert good.error is None and torch.equal(good.rows, alone(model, ids[0], dict(max_new_tokens=20), None))
+
+
+def test_greedy_steps_go_through_the_screen(model, monkeypatch):
+    """Batches of greedy requests take the output layer through the int8 screen (speed.OutputScreen), with each
+    request's processors applied to its own rows; the rows are still generate()'s."""
+    import nanoflant5.speed as S
+
+    calls = []
+    argmax = S.OutputScreen.argmax
+    monkeypatch.setattr(S.OutputScreen, "argmax", lambda *a: calls.append(1) or argmax(*a))
+    engine = Engine(model, max_batch_size=8, max_new_tokens=32)
+    settings = [dict(max_new_tokens=24), dict(max_new_tokens=30, min_new_tokens=12),
+                dict(max_new_tokens=24, repetition_penalty=1.5, no_repeat_ngram_size=2),
+                dict(max_new_tokens=22, sequence_bias=[[[5], 2.0]]), dict(max_new_tokens=28, bad_words_ids=[[7, 9]]),
+                dict(max_new_tokens=20, num_beams=2)]
+    requests = []
+    for i, (p, kw) in enumerate(zip(prompts(), settings)):
+        requests.append(engine.submit(Request(p, kw)))
+        engine.step()
+    engine.run_until_idle()
+    assert len(calls) >= 20
+    for r, p, kw in zip(requests, prompts(), settings):
+        assert torch.equal(r.rows, alone(model, p, kw, None)), kw
 
 
 def test_bad_requests_are_refused_with_one_line(model):
