@@ -606,6 +606,7 @@ def serve(model_name: str, host: str = "127.0.0.1", port: int = 8000, max_batch_
         a second one stops at once."""
         if server.draining:
             web.should_exit = web.force_exit = True
+            raise KeyboardInterrupt  # out of the engine's loop: the command exits 130
         server.draining = True
 
     signal.signal(signal.SIGTERM, on_signal)
