@@ -422,6 +422,25 @@ class Server:
             self.engine.cancel(out.request)
 
 
+class CountStatus:
+    """ASGI middleware: counts the responses to /v1 routes by status (a plain ASGI one: FastAPI's @middleware("http")
+    would pass every streamed chunk through a memory stream of its own)."""
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                self.metrics.request(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counted)
+
+
 def create_app(server: Server) -> FastAPI:
     app = FastAPI(title="nanoflant5", docs_url=None, redoc_url=None)
 
@@ -438,12 +457,7 @@ def create_app(server: Server) -> FastAPI:
     async def validation_error(_, e):
         return JSONResponse(ApiError(400, str(e)).body(), status_code=400)
 
-    @app.middleware("http")
-    async def count(request: HttpRequest, call_next):
-        response = await call_next(request)
-        if request.url.path.startswith("/v1/"):
-            server.metrics.request(response.status_code)
-        return response
+    app.add_middleware(CountStatus, metrics=server.metrics)
 
     @app.get("/health")
     async def health():
