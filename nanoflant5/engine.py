@@ -6,6 +6,8 @@ call of generate.decode per step, each row at its own position (per-row position
 bias), with its own input length (padded cross-attention keys and values, masked). Each request's tokens are then
 chosen as generate() chooses them (generate.next_tokens: its own settings, history and random stream), so a
 request's rows are those of model.generate() on its prompt alone with the same arguments, whatever else is in flight.
+The step uses generate()'s speed machinery where it applies (speed.py): the CPU kernel for 1-4 rows, and, when every
+running request is greedy, the int8 screen of the output layer with each request's logits processors on its rows.
 
 Beam search keeps its beams' scores across an input's candidates, so a beam request runs its own decoding (as
 generate() runs it) one step per engine step, beside the shared batch: it never holds other requests back for its
