@@ -124,3 +124,17 @@ def random_labels(vocab_size: int, lengths, seed: int = 0):
     for i, n in enumerate(lengths):
         labels[i, n:] = -100
     return labels
+
+
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def checkpoint_with_tokenizer(folder, seed: int):
+    """A tiny random model with FLAN-T5's 32128-token vocabulary and its real tokenizer files (tests/fixtures), for
+    tests that go through text. Returns the folder."""
+    import shutil
+
+    make_checkpoint(folder, "gated-gelu-untied", seed=seed, vocab_size=32128)
+    for f in TOKENIZER_FILES:
+        shutil.copy(Path(__file__).parent / "fixtures" / "flan-t5-small" / f, Path(folder) / f)
+    return folder

@@ -4,15 +4,13 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import make_checkpoint
+from helpers import checkpoint_with_tokenizer
 from nanoflant5.cli import build_parser
 
-TOKENIZER = Path(__file__).parent / "fixtures" / "flan-t5-small"
 PROMPTS = ["How do I make pesto sauce?", "Translate to German: The house is wonderful.", "",
            "Résumé of the año: 東京 and Köln",
            "summarize: " + " ".join(f"sentence {i} says something about pesto and basil." for i in range(90))]
@@ -21,11 +19,7 @@ PROMPTS = ["How do I make pesto sauce?", "Translate to German: The house is wond
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random model with the real 32128-token vocabulary and the real tokenizer files."""
-    folder = tmp_path_factory.mktemp("cli-model")
-    make_checkpoint(folder, "gated-gelu-untied", seed=7, vocab_size=32128)
-    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model"):
-        shutil.copy(TOKENIZER / f, folder / f)
-    return folder
+    return checkpoint_with_tokenizer(tmp_path_factory.mktemp("cli-model"), seed=7)
 
 
 def run(*args, **env):

@@ -5,7 +5,6 @@ alone in this process; request counts and times are bounded, and every server st
 import asyncio
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -22,11 +21,10 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from helpers import make_checkpoint  # noqa: E402
+from helpers import checkpoint_with_tokenizer  # noqa: E402
 from nanoflant5 import Tokenizer  # noqa: E402
 from nanoflant5.load import load_model  # noqa: E402
 
-FIXTURES = Path(__file__).parent / "fixtures" / "flan-t5-small"
 WORDS = ("the cat sat on a mat while seven quick brown foxes jumped over lazy dogs near old river banks and "
          "translate summarize answer question German French").split()
 
@@ -75,11 +73,7 @@ class Running:
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("served")
-    make_checkpoint(folder, "gated-gelu-untied", seed=4, vocab_size=32128)
-    for f in ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(FIXTURES / f, folder / f)
-    return folder
+    return checkpoint_with_tokenizer(tmp_path_factory.mktemp("served"), seed=4)
 
 
 @pytest.fixture(scope="module")
