@@ -267,7 +267,7 @@ def test_a_client_that_goes_away_frees_its_rows(server):
                     assert next(line for line in lines if line.startswith("data: "))
             else:
                 with pytest.raises(httpx.ReadTimeout):
-                    client.post("/v1/completions", json=body, timeout=0.3)
+                    client.post("/v1/completions", json=body, timeout=0.1)
         deadline = time.time() + 10
         while metric(server, "nanoflant5_running_rows") and time.time() < deadline:
             time.sleep(0.05)
