@@ -520,22 +520,31 @@ def create_app(server: Server) -> FastAPI:
                 for j in range(call.n):
                     yield sse(chunk(call, [dict(index=j, delta={"role": "assistant", "content": ""},
                                                 finish_reason=None)]))
-            remaining = len(outs)
+            remaining, events = len(outs), outs[0].events
             while remaining:
-                i, kind, *rest = await outs[0].events.get()
-                out = outs[i]
-                if kind == "delta":
-                    j, text = rest
-                    yield sse(chunk(call, [choice(call, out, i * call.n + j, text, None, stream=True)]))
-                    continue
-                remaining -= 1
-                if rest[0] is not None:
-                    error = ApiError(500, f"generation failed: {type(rest[0]).__name__}: {rest[0]}",
-                                     kind="server_error")
-                    yield sse(error.body())
-                    continue
-                for j in range(call.n):
-                    yield sse(chunk(call, [choice(call, out, i * call.n + j, "", out.reason[j], stream=True)]))
+                # what has arrived since the last write goes out in one write, a row's deltas merged into one event
+                batch, parts, pending = [await events.get()], [], {}
+                while not events.empty():
+                    batch.append(events.get_nowait())
+                for i, kind, *rest in batch + [(None, "flush")]:
+                    if kind == "delta":
+                        pending[i, rest[0]] = pending.get((i, rest[0]), "") + rest[1]
+                        continue
+                    for (p, j), text in pending.items():
+                        parts.append(sse(chunk(call, [choice(call, outs[p], p * call.n + j, text, None, True)])))
+                    pending = {}
+                    if kind == "flush":
+                        break
+                    remaining -= 1
+                    if rest[0] is not None:
+                        error = ApiError(500, f"generation failed: {type(rest[0]).__name__}: {rest[0]}",
+                                         kind="server_error")
+                        parts.append(sse(error.body()))
+                        continue
+                    for j in range(call.n):
+                        parts.append(sse(chunk(call, [choice(call, outs[i], i * call.n + j, "", outs[i].reason[j],
+                                                             True)])))
+                yield "".join(parts)
             if call.include_usage:
                 yield sse(chunk(call, [], usage(outs)))
             yield "data: [DONE]\n\n"
