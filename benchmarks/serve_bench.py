@@ -23,7 +23,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -49,12 +48,6 @@ def prompts(n: int, seed: int = 0) -> list[str]:
 def pct(values, p):
     values = sorted(values)
     return values[min(len(values) - 1, max(0, round(p / 100 * (len(values) - 1))))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def client_run(url: str, texts: list[str], concurrency: int, new_tokens: int, forced: bool = True):
@@ -113,6 +106,7 @@ def main():
     torch.set_num_threads(THREADS)
 
     import bench  # benchmarks/bench.py: the random checkpoints and the CPU's name
+    from helpers import free_port
 
     from nanoflant5 import T5, Tokenizer
 

@@ -14,7 +14,7 @@ generate() runs it) one step per engine step, beside the shared batch: it never 
 whole length.
 
 The engine is synchronous and single-threaded: submit() adds a request, step() admits waiting requests and decodes
-one token for every running row. The server (serve.py) runs step() in a thread of its own.
+one token for every running row. The server (serve.py) runs step() in its main thread, HTTP in another.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .config import GenerationConfig
 from .generate import beam_steps, changes_scores, decode, decoder_steps, next_tokens, prepare, process_scores
-from .model import T5, KVCache
+from .model import T5, KVCache, padding_mask
 from .speed import Speedups, fast_linears, output_screen
 
 
@@ -172,10 +172,7 @@ class Engine:
         encoded = self.model.encode(ids, mask)
         kv = [(k.repeat_interleave(copies, 0), v.repeat_interleave(copies, 0))
               for k, v in self.model.decoder.project(encoded)]
-        pad = (mask == 0)[:, None, None, :].repeat_interleave(copies, 0)
-        new_mask = torch.zeros(pad.shape, dtype=encoded.dtype, device=self.device).masked_fill(
-            pad, torch.finfo(encoded.dtype).min)
-        self._join(kv, new_mask)
+        self._join(kv, padding_mask(mask, encoded.dtype).repeat_interleave(copies, 0))
         start = self.cfg.decoder_start_token_id
         for r in new:
             r.tokens = torch.full((r.n, r.g.new_tokens + 1), self.cfg.pad_token_id, dtype=torch.long,
@@ -323,15 +320,15 @@ class Engine:
     def fail_all(self, error: Exception):
         """Every request in flight or waiting ends with `error` (a step that failed as a whole); the batch is
         emptied."""
-        for r in list(self.running) + list(self.beam_requests) + list(self.waiting):
-            self.running = [q for q in self.running if q is not r]
-            self.beam_requests = [q for q in self.beam_requests if q is not r]
-            r.rows, r.error = None, error
-            if r.on_done is not None:
-                r.on_done(r)
+        ended = self.running + self.beam_requests + list(self.waiting)
+        self.running, self.beam_requests = [], []
         self.waiting.clear()
         self.slots, self.pos, self.cross_kv, self.cross_mask = [], [], None, None
         self.last = self.last[:0]
+        for r in ended:
+            r.rows, r.error = None, error
+            if r.on_done is not None:
+                r.on_done(r)
 
     def _drop_cancelled(self):
         for r in [r for r in self.waiting if r.cancelled]:

@@ -251,7 +251,7 @@ class Output:
                 delta = stream.end(self.final[j])
                 if delta:
                     self.post("delta", j, delta)
-        self.server.metrics.finished(self, request)
+        self.server.metrics.finished(self)
         self.post("done", request.error)
 
 
@@ -345,7 +345,7 @@ class Metrics:
         with self.lock:
             self.batch.observe(rows)
 
-    def finished(self, out: Output, request: Request):
+    def finished(self, out: Output):
         now = time.perf_counter()
         with self.lock:
             self.prompt_tokens += out.prompt_tokens

@@ -126,6 +126,15 @@ def random_labels(vocab_size: int, lengths, seed: int = 0):
     return labels
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1, for a server subprocess."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 

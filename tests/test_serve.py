@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,18 +20,12 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from helpers import checkpoint_with_tokenizer  # noqa: E402
+from helpers import checkpoint_with_tokenizer, free_port  # noqa: E402
 from nanoflant5 import Tokenizer  # noqa: E402
 from nanoflant5.load import load_model  # noqa: E402
 
 WORDS = ("the cat sat on a mat while seven quick brown foxes jumped over lazy dogs near old river banks and "
          "translate summarize answer question German French").split()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Running:
