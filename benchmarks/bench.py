@@ -2,6 +2,8 @@
 
     python benchmarks/bench.py            # flan-t5-small and flan-t5-base architectures, 3 timed repeats
     python benchmarks/bench.py --quick    # small only, 1 repeat
+    python benchmarks/bench.py --modes    # also the low-precision modes (bfloat16, int8) beside CTranslate2 int8
+    python benchmarks/bench.py --first-call  # also the first call of a fresh process (eager; compiled, cold/warm)
 
 The checkpoints have random weights (tests/helpers.make_checkpoint with the preset's sizes): speed does not depend
 on the weights, and the helper's weights make greedy and beam outputs vary, so "outputs equal" means something.
@@ -10,6 +12,12 @@ batch * 64 / seconds (returned tokens, also for beam search). Implementations ru
 CTranslate2, ours, ...) after one warm-up each; the median of --repeats runs is reported, and with each ratio the
 lowest and highest of the per-run ratios (each run against transformers' run in the same round), which shows how
 much the shared machine moved the ratio during the benchmark.
+With --modes: nanoflant5 in bfloat16 and with quantize="int8", and CTranslate2's int8 model (int8_float32 on CPU),
+run on the same rows, and each one's agreement with float32 (nanoflant5's, which is transformers') over 64 prompts
+of greedy decoding: the share of rows identical and the mean position of the first differing token among the
+others. These modes are not token-equal to float32; the random weights make outputs far more sensitive to rounding
+than trained ones, so agreement here is a lower bound, comparable between implementations on the same model.
+Each row also says which kernels nanoflant5's decoding step took (speed.last_path).
 Peak memory: each implementation is loaded in a fresh subprocess that imports only its own library, runs the
 beam-4 batch-8 generation and the encoder prefill once, and reports its peak RSS (VmHWM of /proc/self/status);
 with --compile, nanoflant5's subprocess compiles too.
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -32,7 +41,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # for helpers.make_checkpoint / random_batch
 
 MODELS = {"small": "flan-t5-small", "base": "flan-t5-base"}
-SETTINGS = [("greedy b1", 1, 1), ("beam4 b1", 1, 4), ("greedy b8", 8, 1), ("beam4 b8", 8, 4)]
+SETTINGS = [("greedy b1", 1, 1), ("beam4 b1", 1, 4), ("greedy b8", 8, 1), ("beam4 b8", 8, 4), ("greedy b32", 32, 1)]
+MODES = {"nanoflant5 bf16": dict(dtype=torch.bfloat16), "nanoflant5 int8": dict(quantize="int8")}
+AGREE_PROMPTS = 64
 IN_LEN, NEW = 64, 64
 ENC_BATCH, ENC_LEN = 8, 512
 THREADS = 2
@@ -63,18 +74,23 @@ def checkpoint(cache: Path, name: str) -> Path:
     return folder
 
 
-def ct2_convert(folder: Path):
+def ct2_convert(folder: Path, quantization: str | None = None):
     """The CTranslate2 model folder for a checkpoint (converted in a subprocess, keeping ctranslate2 out of this
     one), or (None, reason) when ctranslate2 is missing or the conversion fails."""
-    out = folder.parent / (folder.name + "-ct2")
+    out = ct2_dir(folder, quantization)
     if not (out / "model.bin").exists():
         code = ("import ctranslate2, sys; ctranslate2.converters.TransformersConverter(sys.argv[1])"
-                ".convert(sys.argv[2], quantization=None, force=True)")
-        r = subprocess.run([sys.executable, "-c", code, str(folder), str(out)], capture_output=True, text=True)
+                ".convert(sys.argv[2], quantization=sys.argv[3] if len(sys.argv) > 3 else None, force=True)")
+        r = subprocess.run([sys.executable, "-c", code, str(folder), str(out)] + [quantization] * bool(quantization),
+                           capture_output=True, text=True)
         if r.returncode != 0:
             last = (r.stderr.strip().splitlines() or ["?"])[-1]
             return None, f"not installed or conversion failed: {last[:200]}"
     return out, None
+
+
+def ct2_dir(folder: Path, quantization: str | None = None) -> Path:
+    return folder.parent / (folder.name + "-ct2" + (f"-{quantization}" if quantization else ""))
 
 
 # ------------------------------------------------------------------------------------------------ runners
@@ -89,14 +105,14 @@ def inputs(batch: int, length: int, seed: int = 0):
 def load_runners(folder: Path, impls):
     """name -> (generate(ids, mask, beams) -> LongTensor rows, encode(ids, mask) -> tensor or None)."""
     runners = {}
-    if "nanoflant5" in impls:
-        from nanoflant5 import T5
+    from nanoflant5 import T5
 
-        ours = T5.from_pretrained(folder, dtype=DTYPE, device=DEVICE)
-        runners["nanoflant5"] = (
-            lambda ids, mask, beams: ours.generate(ids, mask, max_new_tokens=NEW, min_new_tokens=NEW, num_beams=beams,
-                                                   compile=COMPILE),
-            lambda ids, mask: ours.encode(ids, mask))
+    for name in [i for i in impls if i.startswith("nanoflant5")]:
+        ours = T5.from_pretrained(folder, device=DEVICE, **MODES.get(name, dict(dtype=DTYPE)))
+        runners[name] = (
+            lambda ids, mask, beams, ours=ours: ours.generate(ids, mask, max_new_tokens=NEW, min_new_tokens=NEW,
+                                                              num_beams=beams, compile=COMPILE),
+            lambda ids, mask, ours=ours: ours.encode(ids, mask))
     if "transformers" in impls:
         from transformers import T5ForConditionalGeneration
 
@@ -106,7 +122,9 @@ def load_runners(folder: Path, impls):
                                                  max_new_tokens=NEW, min_new_tokens=NEW, num_beams=beams),
             lambda ids, mask: hf.encoder(input_ids=ids, attention_mask=mask).last_hidden_state)
     if "ctranslate2" in impls:
-        runners["ctranslate2"] = (CT2Worker(folder).generate, None)
+        runners["ctranslate2"] = (CT2Worker(ct2_dir(folder)).generate, None)
+    if "ctranslate2 int8" in impls:
+        runners["ctranslate2 int8"] = (CT2Worker(ct2_dir(folder, "int8"), "int8_float32").generate, None)
     return runners
 
 
@@ -115,10 +133,10 @@ class CT2Worker:
     run in a process, its OpenMP runtime slows torch there by ~40% (nanoflant5 greedy b1 small: 103 -> 59 tok/s).
     The worker times each call itself; token ids go through a pipe."""
 
-    def __init__(self, folder: Path):
-        ct2_dir = folder.parent / (folder.name + "-ct2")
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "ct2_worker.py"), str(ct2_dir),
-                                      str(THREADS)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    def __init__(self, model_dir: Path, compute_type: str = "default"):
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "ct2_worker.py"), str(model_dir),
+                                      str(THREADS), compute_type], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
         self.seconds = None
 
     def generate(self, ids, mask, beams):
@@ -142,12 +160,17 @@ def timed(fn, *args):
     return time.perf_counter() - t, out
 
 
-def race(runners: dict, call, repeats: int):
-    """One warm-up each, then `repeats` alternating runs. -> name -> (seconds of each run, output of the last run)."""
+def race(runners: dict, call, repeats: int, paths: dict | None = None):
+    """One warm-up each, then `repeats` alternating runs. -> name -> (seconds of each run, output of the last run).
+    paths: filled with nanoflant5's kernel path per runner."""
+    from nanoflant5 import speed
+
     times = {n: [] for n in runners}
     outs = {}
     for n in runners:
         call(runners[n])
+        if paths is not None and n.startswith("nanoflant5"):
+            paths[n] = speed.last_path
     for _ in range(repeats):
         for n in runners:
             dt, outs[n] = timed(call, runners[n])
@@ -156,13 +179,14 @@ def race(runners: dict, call, repeats: int):
     return {n: (times[n], outs[n]) for n in runners}
 
 
-def bench_model(name: str, folder: Path, ct2_ok: bool, repeats: int):
-    impls = ["nanoflant5", "transformers"] + (["ctranslate2"] if ct2_ok else [])
+def bench_model(name: str, folder: Path, ct2_ok: bool, repeats: int, modes: list):
+    impls = ["nanoflant5", "transformers"] + (["ctranslate2"] if ct2_ok else []) + modes
     runners = load_runners(folder, impls)
     rows = []
     for label, batch, beams in SETTINGS:
         ids, mask = inputs(batch, IN_LEN, seed=batch)
-        res = race(runners, lambda r: r[0](ids, mask, beams), repeats)
+        paths = {}
+        res = race(runners, lambda r: r[0](ids, mask, beams), repeats, paths)
         hf_out = res["transformers"][1]
         tps = speeds(res, batch * NEW)
         ours_out = res["nanoflant5"][1]
@@ -172,8 +196,8 @@ def bench_model(name: str, folder: Path, ct2_ok: bool, repeats: int):
             ct = res["ctranslate2"][1]
             same = sum(torch.equal(a[:NEW + 1], b[:NEW + 1]) for a, b in zip(ct, hf_out)) if ct.shape[1] >= NEW + 1 else 0
             equal += f"; ct2 {same}/{batch} rows"
-        rows.append((name, label, tps, equal))
-        print(f"[bench] {name} {label}: {rates(tps)} ({equal})", file=sys.stderr)
+        rows.append((name, label, tps, equal, paths))
+        print(f"[bench] {name} {label}: {rates(tps)} ({equal}; {paths})", file=sys.stderr)
     ids, mask = inputs(ENC_BATCH, ENC_LEN, seed=7)
     enc = {n: r for n, r in runners.items() if r[1] is not None}
     with torch.inference_mode():
@@ -181,9 +205,26 @@ def bench_model(name: str, folder: Path, ct2_ok: bool, repeats: int):
     diff = (res["nanoflant5"][1] - res["transformers"][1]).abs().max().item()
     scale = res["transformers"][1].abs().max().item()
     tps = speeds(res, ENC_BATCH * ENC_LEN)
-    rows.append((name, f"encoder b{ENC_BATCH}x{ENC_LEN}", tps, f"max abs diff {diff:.1e} (of max {scale:.1e})"))
+    rows.append((name, f"encoder b{ENC_BATCH}x{ENC_LEN}", tps, f"max abs diff {diff:.1e} (of max {scale:.1e})", {}))
     print(f"[bench] {name} encoder: {rates(tps)}", file=sys.stderr)
-    return rows
+    agree = agreement(runners, modes) if modes else {}
+    return rows, agree
+
+
+def agreement(runners: dict, modes: list):
+    """Each mode's greedy rows for AGREE_PROMPTS prompts against nanoflant5's float32 rows: (share identical, mean
+    position of the first differing token among the rows that differ)."""
+    ids, mask = inputs(AGREE_PROMPTS, IN_LEN, seed=99)
+    want = runners["nanoflant5"][0](ids, mask, 1)
+    out = {}
+    for mode in modes:
+        got = runners[mode][0](ids, mask, 1)
+        n = min(got.shape[1], want.shape[1])
+        differs = got[:, :n] != want[:, :n]
+        first = [int(row.nonzero()[0]) for row in differs if row.any()]
+        out[mode] = (1 - len(first) / len(want), sum(first) / len(first) if first else None)
+        print(f"[bench] {mode}: {out[mode]}", file=sys.stderr)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ peak memory
@@ -230,13 +271,45 @@ def fmt(tps, n):
     return f"{tps[n][0]:.1f}" if n in tps else "—"
 
 
-def ratio(tps, n):
-    """The ratio of the medians to transformers', and (over several runs) the range of the per-run ratios."""
-    if n not in tps:
+def ratio(tps, n, base="transformers"):
+    """The ratio of the medians to base's, and (over several runs) the range of the per-run ratios."""
+    if n not in tps or base not in tps:
         return "—"
-    runs = [a / b for a, b in zip(tps[n][1], tps["transformers"][1])]
+    runs = [a / b for a, b in zip(tps[n][1], tps[base][1])]
     spread = f" ({min(runs):.2f}-{max(runs):.2f})" if len(runs) > 1 else ""
-    return f"{tps[n][0] / tps['transformers'][0]:.2f}x{spread}"
+    return f"{tps[n][0] / tps[base][0]:.2f}x{spread}"
+
+
+def first_calls(folder: Path):
+    """path -> (first, second, third call's seconds, import + load seconds), each path in a fresh process."""
+    import tempfile
+
+    out = {}
+    with tempfile.TemporaryDirectory() as cache:
+        for path, mode in [("eager (default)", "eager"), ("compile=True, cold cache", "compile"),
+                           ("compile=True, warm cache", "compile")]:
+            r = subprocess.run([sys.executable, __file__, "--first-call-child", mode, str(folder)], check=True,
+                               capture_output=True, text=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache})
+            out[path] = [float(t) for t in r.stdout.split()[-4:]]
+            print(f"[bench] first calls, {path}: {out[path]}", file=sys.stderr)
+    return out
+
+
+def first_call_child(mode: str, folder: str):
+    start = time.perf_counter()
+    torch.set_num_threads(THREADS)
+    from nanoflant5 import T5
+
+    model = T5.from_pretrained(folder)
+    loaded = time.perf_counter() - start
+    ids, mask = inputs(1, IN_LEN, seed=1)
+    times = []
+    with torch.inference_mode():
+        for _ in range(3):
+            t = time.perf_counter()
+            model.generate(ids, mask, max_new_tokens=NEW, min_new_tokens=NEW, compile=mode == "compile")
+            times.append(time.perf_counter() - t)
+    print(*times, loaded)
 
 
 def cpu_model() -> str:
@@ -263,12 +336,17 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu or cuda (on cuda: no CTranslate2, no peak RSS)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--compile", action="store_true", help="nanoflant5 with generate(compile=True)")
+    p.add_argument("--modes", action="store_true", help="also bfloat16 and int8 (and CTranslate2 int8)")
+    p.add_argument("--first-call", action="store_true", help="also the first calls of fresh processes")
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+    p.add_argument("--first-call-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     global DEVICE, DTYPE, COMPILE
     DEVICE, DTYPE, COMPILE = torch.device(args.device), getattr(torch, args.dtype), args.compile
     if args.memory_child:
         return memory_child(*args.memory_child)
+    if args.first_call_child:
+        return first_call_child(*args.first_call_child)
     if args.quick:
         args.models, args.repeats = "small", 1
     if DEVICE.type != "cpu":
@@ -277,15 +355,21 @@ def main():
     cache = Path(args.cache_dir)
     cache.mkdir(parents=True, exist_ok=True)
 
-    rows, mem, ct2_notes = [], [], {}
+    rows, mem, ct2_notes, agree, first = [], [], {}, {}, {}
     for key in args.models.split(","):
         name = MODELS[key.strip()]
         folder = checkpoint(cache, name)
         ct2_dir, why = ct2_convert(folder) if DEVICE.type == "cpu" else (None, "CPU only in this benchmark")
         if why:
             ct2_notes[name] = why
+        modes = list(MODES) if args.modes else []
+        if args.modes and ct2_dir is not None and ct2_convert(folder, "int8")[0] is not None:
+            modes.append("ctranslate2 int8")
         with torch.inference_mode():
-            rows += bench_model(name, folder, ct2_dir is not None, args.repeats)
+            model_rows, agree[name] = bench_model(name, folder, ct2_dir is not None, args.repeats, modes)
+        rows += model_rows
+        if args.first_call:
+            first[name] = first_calls(folder)
         if not args.no_memory:
             impls = ["baseline", "transformers", "nanoflant5"] + (["ctranslate2"] if ct2_dir else [])
             mem.append((name, {i: peak_rss(i, folder) for i in impls}))
@@ -294,11 +378,42 @@ def main():
           f"{torch.cuda.get_device_name() if DEVICE.type == 'cuda' else cpu_model()}{'; nanoflant5 compiled' * COMPILE}; "
           f"inputs {IN_LEN} tokens, {NEW} new tokens forced; median of {args.repeats} alternating runs after a warm-up"
           f"{'; ratio (lowest-highest per-run ratio)' * (args.repeats > 1)}.\n")
-    print("| model | setting | transformers tok/s | nanoflant5 tok/s | ratio | CTranslate2 tok/s | ratio | outputs equal |")
-    print("|---|---|---:|---:|---:|---:|---:|---|")
-    for name, label, tps, equal in rows:
+    print("| model | setting | transformers tok/s | nanoflant5 tok/s | ratio | CTranslate2 tok/s | ratio | "
+          "nanoflant5 / CTranslate2 | outputs equal | nanoflant5's kernels |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|---|")
+    for name, label, tps, equal, paths in rows:
         print(f"| {name} | {label} | {fmt(tps, 'transformers')} | {fmt(tps, 'nanoflant5')} | {ratio(tps, 'nanoflant5')}"
-              f" | {fmt(tps, 'ctranslate2')} | {ratio(tps, 'ctranslate2')} | {equal} |")
+              f" | {fmt(tps, 'ctranslate2')} | {ratio(tps, 'ctranslate2')} | {ratio(tps, 'nanoflant5', 'ctranslate2')}"
+              f" | {equal} | {paths.get('nanoflant5', '')} |")
+    if args.modes:
+        print("\nLow-precision modes (not token-equal to float32), tok/s and the ratio to CTranslate2 int8 "
+              "(int8_float32) in the same rounds:\n")
+        names = [m for m in list(MODES) + ["ctranslate2 int8"]]
+        print("| model | setting | " + " | ".join(f"{m} tok/s" for m in names) + " | bf16 / ct2 int8 | int8 / ct2 int8 "
+              "| kernels (bf16; int8) |")
+        print("|---|---|" + "---:|" * (len(names) + 2) + "---|")
+        for name, label, tps, equal, paths in rows:
+            if "nanoflant5 int8" in tps and "encoder" not in label:
+                print(f"| {name} | {label} | " + " | ".join(fmt(tps, m) for m in names)
+                      + f" | {ratio(tps, 'nanoflant5 bf16', 'ctranslate2 int8')} | "
+                        f"{ratio(tps, 'nanoflant5 int8', 'ctranslate2 int8')} | "
+                        f"{paths.get('nanoflant5 bf16', '')}; {paths.get('nanoflant5 int8', '')} |")
+            elif "nanoflant5 int8" in tps:
+                print(f"| {name} | {label} | " + " | ".join(fmt(tps, m) for m in names) + " | — | — | "
+                      f"(transformers fp32 {fmt(tps, 'transformers')}) |")
+        print(f"\nAgreement with float32, greedy, {AGREE_PROMPTS} prompts of {IN_LEN} tokens, {NEW} new tokens: rows "
+              "identical, and the mean position of the first differing token in the others:\n")
+        print("| model | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+        for name, res in agree.items():
+            print(f"| {name} | " + " | ".join(f"{res[m][0]:.0%}, {res[m][1] or 0:.1f}" if m in res else "—"
+                                             for m in names) + " |")
+    if first:
+        print("\nFirst calls of a fresh process (greedy b1, 64 new tokens; seconds): the default path (eager), and "
+              "compile=True with an empty compile cache, then again with the cache it left:\n")
+        print("| model | path | first call | second | third | import + load |\n|---|---|---:|---:|---:|---:|")
+        for name, res in first.items():
+            for path, times in res.items():
+                print(f"| {name} | {path} | " + " | ".join(f"{t:.2f}" for t in times) + " |")
     for name, why in ct2_notes.items():
         print(f"\nCTranslate2 skipped for {name}: {why}")
     if mem:

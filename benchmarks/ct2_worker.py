@@ -13,8 +13,9 @@ from pathlib import Path
 import ctranslate2
 
 
-def main(ct2_dir: str, threads: int):
-    tr = ctranslate2.Translator(ct2_dir, device="cpu", intra_threads=threads, inter_threads=1)
+def main(ct2_dir: str, threads: int, compute_type: str = "default"):
+    tr = ctranslate2.Translator(ct2_dir, device="cpu", intra_threads=threads, inter_threads=1,
+                                compute_type=compute_type)
     vocab_file = next(Path(ct2_dir).glob("shared_vocabulary.*"))
     vocab = (json.loads(vocab_file.read_text()) if vocab_file.suffix == ".json"
              else vocab_file.read_text(encoding="utf-8").split("\n"))
@@ -31,4 +32,4 @@ def main(ct2_dir: str, threads: int):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]), *sys.argv[3:4])

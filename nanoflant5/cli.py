@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="truncate prompts to this many tokens (default: no truncation)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", choices=DTYPES, default="float32")
+    g.add_argument("--quantize", choices=("int8",), help="weight-only int8 linear layers (CPU; close to float32's "
+                                                         "output, not equal)")
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the decoding step: a slow first batch (15-40 s on CPU), faster later ones")
 
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=int, default=default, help=text)
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--dtype", choices=DTYPES + ("float64",), default="float32")
+    s.add_argument("--quantize", choices=("int8",), help="weight-only int8 linear layers (see generate --help)")
 
     t = sub.add_parser("train", help="fine-tune on a JSONL or TSV file (torchrun for several processes)")
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -176,6 +179,7 @@ def cmd_generate(args) -> int:
     from .config import GenerationConfig
 
     generation_settings(args, GenerationConfig())  # misuse is reported before anything is loaded
+    check_quantize(args)
     prompts = read_prompts(args)
     import torch
 
@@ -183,7 +187,7 @@ def cmd_generate(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model_name = f"google/flan-t5-{args.model_size}" if args.model_size else (args.model or DEFAULT_MODEL)
-    model = T5.from_pretrained(model_name, dtype=getattr(torch, args.dtype), device=device)
+    model = T5.from_pretrained(model_name, dtype=getattr(torch, args.dtype), device=device, quantize=args.quantize)
     tokenizer = Tokenizer.from_pretrained(model_name)
     settings = vars(generation_settings(args, model.generation_config))
     rng = None if args.seed is None else torch.Generator(device).manual_seed(args.seed)
@@ -237,7 +241,14 @@ def cmd_train(args) -> int:
     return train(settings)
 
 
+def check_quantize(args):
+    if args.quantize and args.dtype != "float32":
+        raise UsageError(f"--quantize {args.quantize} keeps activations in float32: it cannot be combined with "
+                         f"--dtype {args.dtype}")
+
+
 def cmd_serve(args) -> int:
+    check_quantize(args)
     for name in ("max_batch_size", "max_queue", "max_input_length", "max_new_tokens"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -252,7 +263,7 @@ def cmd_serve(args) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     return serve(args.model, args.host, args.port, args.max_batch_size, args.max_queue, args.max_input_length,
-                 args.max_new_tokens, getattr(torch, args.dtype), device, args.served_model_name)
+                 args.max_new_tokens, getattr(torch, args.dtype), device, args.served_model_name, args.quantize)
 
 
 def main(argv=None) -> int:

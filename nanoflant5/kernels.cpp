@@ -1,5 +1,7 @@
 // CPU kernels for decoding a few rows at a time, each reading the weight once, in order, with software prefetch:
 // - rows_linear(x (..., K), w (N, K)) = x @ w.T for float32 x of 1-4 rows;
+// - int8_linear(x (..., K), w (N, K), scale (N,)) = x @ (scale[:, None] * w).T for float32 x of any rows and int8 w
+//   (weight-only int8, quantize.py), each weight block read once and multiplied with 4 rows of x at a time;
 // - int8_rows(x (M, K), w (N, K)) = x @ w.T exactly in int32 for int8 x of 1-8 rows and int8 w (the greedy output
 //   layer's int8 screen), where the CPU has AVX-512 VNNI.
 // Built on first use by nanoflant5/kernels.py (torch.utils.cpp_extension); see there for why and how much.
@@ -10,6 +12,9 @@
 
 #include <cstring>
 #include <vector>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define INT8_ROWS 1
@@ -79,6 +84,76 @@ at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& w) {
     case 4: rows<4>(xp, wp, yp, K, N); break;
     default: TORCH_CHECK(false, "rows_linear: 1-4 rows expected, got ", x2.size(0));
   }
+  return y;
+}
+
+#ifdef __AVX512F__
+inline vfloat load_int8(const int8_t* p) {  // 16 int8 -> 16 float32
+  return vfloat(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
+}
+#else
+typedef int8_t v16i8 __attribute__((vector_size(16)));
+inline vfloat load_int8(const int8_t* p) { v16i8 v; std::memcpy(&v, p, sizeof v); return __builtin_convertvector(v, vfloat); }
+#endif
+
+// y[r, n:n+nb] for rows r < R of x (R, K) and int8 weight rows n..n+nb of w (N, K), times their scales
+template <int R, int nb>
+inline void block_int8(const float* x, const int8_t* w, const float* scale, float* y, int64_t K, int64_t N,
+                       int64_t n) {
+  vfloat acc[R][nb] = {};
+  const int8_t* wn = w + n * K;
+  for (int64_t k = 0; k < K; k += L) {
+    vfloat wv[nb];
+    for (int b = 0; b < nb; b++) {
+      wv[b] = load_int8(wn + b * K + k);
+      __builtin_prefetch(wn + b * K + k + AHEAD);
+    }
+    for (int r = 0; r < R; r++) {
+      vfloat xv = load(x + r * K + k);
+      for (int b = 0; b < nb; b++) acc[r][b] += xv * wv[b];
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int b = 0; b < nb; b++) y[r * N + n + b] = lanes_sum(acc[r][b]) * scale[n + b];
+}
+
+// rows m0.. of x, up to 4 of them, times weight rows n..n+nb
+template <int nb>
+inline void rows_int8(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
+                      int64_t n) {
+  for (int64_t m = 0; m < M; m += 4) {  // the weight block stays in L1 between the chunks of rows
+    const float* xm = x + m * K;
+    float* ym = y + m * N;
+    switch (M - m < 4 ? M - m : 4) {
+      case 1: block_int8<1, nb>(xm, w, scale, ym, K, N, n); break;
+      case 2: block_int8<2, nb>(xm, w, scale, ym, K, N, n); break;
+      case 3: block_int8<3, nb>(xm, w, scale, ym, K, N, n); break;
+      default: block_int8<4, nb>(xm, w, scale, ym, K, N, n);
+    }
+  }
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat &&
+              x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu(),
+              "int8_linear: float32 x, int8 weight and float32 scale on CPU expected");
+  int64_t K = w.size(1), N = w.size(0);
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && scale.is_contiguous() && scale.numel() == N && x.size(-1) == K &&
+              K % L == 0, "int8_linear: a contiguous (N, K) weight with K a multiple of 16, (N,) scales and x (..., K)"
+              " expected");
+  at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());
+  const float* xp = x2.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t M = x2.size(0);
+  at::parallel_for(0, N / NB, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) rows_int8<NB>(xp, wp, sp, yp, M, K, N, b * NB);
+  });
+  for (int64_t n = N / NB * NB; n < N; n++) rows_int8<1>(xp, wp, sp, yp, M, K, N, n);
   return y;
 }
 
@@ -156,6 +231,7 @@ at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& w) {
 
 TORCH_LIBRARY(nanoflant5_cpu, m) {
   m.def("rows_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
 #ifdef INT8_ROWS
   m.def("int8_rows(Tensor x, Tensor weight) -> Tensor");
 #endif
@@ -163,6 +239,7 @@ TORCH_LIBRARY(nanoflant5_cpu, m) {
 
 TORCH_LIBRARY_IMPL(nanoflant5_cpu, CPU, m) {
   m.impl("rows_linear", &rows_linear);
+  m.impl("int8_linear", &int8_linear);
 #ifdef INT8_ROWS
   m.impl("int8_rows", &int8_rows);
 #endif

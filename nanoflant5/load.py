@@ -193,8 +193,15 @@ def param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 and name.endswith("ffn.wo.weight") else dtype
 
 
-def load_model(name_or_path, dtype=None, device=None) -> T5:
-    """Read config.json and the weights of a T5 checkpoint into a T5 in eval mode (float32 unless dtype is given)."""
+def load_model(name_or_path, dtype=None, device=None, quantize=None) -> T5:
+    """Read config.json and the weights of a T5 checkpoint into a T5 in eval mode (float32 unless dtype is given;
+    quantize="int8": weight-only int8 linear layers, see quantize.py)."""
+    if quantize is not None:
+        from .quantize import MODES
+        if quantize not in MODES:
+            raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(MODES)}")
+        if dtype not in (None, torch.float32):
+            raise ValueError(f"quantize={quantize!r} runs its activations in float32; dtype={dtype} cannot be combined")
     folder = resolve(name_or_path)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: no config.json (not a model folder?)")
@@ -245,6 +252,9 @@ def load_model(name_or_path, dtype=None, device=None) -> T5:
     else:
         model.lm_head.weight = model.shared.weight
     model.generation_config = GenerationConfig.from_folder(folder)
+    if quantize is not None:
+        from .quantize import quantize as to_quantized
+        to_quantized(model, quantize)
     return model.eval()
 
 

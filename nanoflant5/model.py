@@ -209,7 +209,10 @@ class FeedForward(nn.Module):
             h = self.act(gate) * linear
         else:
             h = self.act(h)
-        return self.wo(self.dropout(h).to(self.wo.weight.dtype))  # float32 under the float16 policy (load.py)
+        h = self.dropout(h)
+        if isinstance(self.wo, nn.Linear):  # (not int8 layers: quantize.py)
+            h = h.to(self.wo.weight.dtype)  # float32 under the float16 policy (load.py)
+        return self.wo(h)
 
 
 class EncoderBlock(nn.Module):
@@ -465,7 +468,8 @@ class T5(nn.Module):
         return stream(self, input_ids, attention_mask, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype=None, device=None) -> "T5":
+    def from_pretrained(cls, name_or_path, dtype=None, device=None, quantize=None) -> "T5":
+        """quantize="int8": weight-only int8 linear layers, a low-precision mode (quantize.py)."""
         from .load import load_model
 
-        return load_model(name_or_path, dtype=dtype, device=device)
+        return load_model(name_or_path, dtype=dtype, device=device, quantize=quantize)

@@ -3,7 +3,8 @@ generate.py makes a Speedups for each call (`decoding`) and asks it for the step
 (`greedy`), beam search's candidates (`top_k`) and the compiled step (`compiled`). What it does:
 
 - faster kernels for a decoding step's linear layers on CPU (fast_linears): nanoflant5's own for 1-4 rows
-  (kernels.py), MKL's packed GEMM for 4-64, with packed copies kept between compiled calls;
+  of float32 (kernels.py), else packed GEMMs (MKL's or oneDNN's, whichever measures fastest on the CPU at hand),
+  with packed copies kept between compiled calls;
 - greedy decoding's output layer read as int8 (OutputScreen), which still picks the full layer's token;
 - argmax and top-k by blocks of the vocabulary on CPU (argmax, top_k), exactly torch's results;
 - torch.compile of the decoding step, with an eager fallback (compiled_step).
@@ -14,10 +15,12 @@ test_kernels.py). docs/performance.md has the measurements behind each choice.
 
 from __future__ import annotations
 
+import time
 import warnings
 import weakref
 from contextlib import contextmanager
 from functools import partial
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,11 +32,10 @@ from .config import GenerationConfig
 from . import kernels
 from .model import T5
 
-# Faster kernels for the decoding step's linear layers on CPU (see fast_linears): nanoflant5's own for 1-4 rows
-# (kernels.py), MKL's packed GEMM (x86 CPU builds of torch) for more.
-KERNELS = True  # tests switch them off to compare with MKL
-MKL_PACKING = torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
-PACK_ROWS = range(4, 65)  # rows per step where packing measured faster (benchmarks: flan-t5-small)
+# Faster kernels for the decoding step's linear layers on CPU (see fast_linears): nanoflant5's own for 1-4 rows of
+# float32 (kernels.py), and packed GEMMs (PACKERS) where they measure faster than F.linear.
+KERNELS = True  # tests switch them off to compare with the packed GEMMs
+PACK_ROWS = range(1, 65)  # rows per step for which packed GEMMs are considered
 PACK_MIN_STEPS = 16
 KEEP_BYTES = 2 ** 31  # compiled decoding keeps packed copies between calls up to this size (see fast_linears)
 
@@ -75,8 +77,10 @@ def decoding(model: T5, g: GenerationConfig, rows: int, dtype: torch.dtype, comp
     """The Speedups of a decoding call of `rows` rows a step in activations of `dtype`; inside the block, the step's
     linear layers run on the fastest kernels that pay (fast_linears). compile: the step goes through torch.compile
     (and keeps its packed weights between calls). scores: the caller needs every token's probability (no screen)."""
+    global last_path
     fast = Speedups(model, g, rows, dtype, compile, scores)
     with fast_linears(model, rows, g.new_tokens, output_layer=fast.screen is None, keep=compile):
+        last_path += " + int8 screen" * (fast.screen is not None) + " + compiled" * compile
         yield fast
 
 
@@ -100,43 +104,116 @@ def compiled_step(step, device):
     return run
 
 
+class Packer(NamedTuple):
+    """A library's GEMM on copies of the weights laid out ahead for a row count."""
+    pack: Callable  # (weight, rows) -> the packed copy
+    run: Callable  # (x, packed copy, weight, rows) -> F.linear(x, weight)
+    dtypes: tuple  # the weight dtypes it takes
+
+
+# Which packed GEMM is fastest depends on the CPU and the rows (on an Intel Xeon, MKL's for most float32 shapes at
+# 4-64 rows; on AMD EPYC (Zen 4) MKL takes slow paths and oneDNN's measured ~3x faster (issue 20); bfloat16 only
+# oneDNN, on AMX where the CPU has it), so it is measured on the CPU at hand on first use (choose_packer).
+PACKERS: dict[str, Packer] = {}
+if torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
+    PACKERS["mkl"] = Packer(lambda w, rows: torch.ops.mkl._mkl_reorder_linear_weight(w, rows),
+                            lambda x, packed, w, rows: torch.ops.mkl._mkl_linear(x, packed, w, None, rows),
+                            (torch.float32,))
+if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+    PACKERS["onednn"] = Packer(lambda w, rows: torch.ops.mkldnn._reorder_linear_weight(w, rows),
+                               lambda x, packed, w, rows: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none",
+                                                                                             [], ""),
+                               (torch.float32,) + (torch.bfloat16,) * torch.ops.mkldnn._is_mkldnn_bf16_supported())
+PACKING = bool(PACKERS)  # tests switch packing off to compare with plain F.linear
+last_path = ""  # what the last fast_linears block ran the linears on (the bench prints it)
+PACKER = None  # None: the measured choice; a name of PACKERS: that one wherever it takes the weight (tests)
+MEASURE_ROWS = 4096
+_CHOSEN: dict[tuple, str | None] = {}  # (weight shape, dtype, rows) -> the name of the fastest packer, or None
+
+
+def choose_packer(weight, rows: int):
+    """The name of the fastest packed GEMM for `rows` rows times a weight of this shape and dtype, or None where
+    F.linear is as fast. Measured on first use for each shape, dtype and row count (on a random weight of that shape,
+    at most MEASURE_ROWS of its rows: the output layer's 32128 would take longer to pack than the rest; each
+    candidate's best of 3 runs after a warm-up) and remembered for the process."""
+    candidates = [name for name, p in PACKERS.items() if weight.dtype in p.dtypes]
+    if PACKER is not None or not candidates:
+        return PACKER if PACKER in candidates else None
+    key = (tuple(weight.shape), weight.dtype, rows)
+    if key not in _CHOSEN:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(min(weight.shape[0], MEASURE_ROWS), weight.shape[1], generator=gen).to(weight.dtype)
+        x = torch.randn(rows, weight.shape[1], generator=gen).to(weight.dtype)
+        times = {None: best_time(lambda: F.linear(x, w))}
+        for name in candidates:
+            packer = PACKERS[name]
+            packed = packer.pack(w, rows)
+            times[name] = best_time(lambda: packer.run(x, packed, w, rows))
+        _CHOSEN[key] = min(times, key=times.get)
+    return _CHOSEN[key]
+
+
+def best_time(fn, runs: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 @contextmanager
 def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, keep: bool = False,
                  packing: bool = True):
     """Inside the block, a decoding step's linear layers (self- and cross-attention, feed-forward, output layer) run
-    on faster CPU kernels than F.linear, for the number of rows every step feeds, where that pays: CPU, float32, no
-    autocast, 16 or more steps.
-    - 1-4 rows: kernels.rows_linear (built on first use; see kernels.py), which reads each weight once a step, in
-      order, with software prefetch. Compiled generations, against MKL's matrix-vector product (1 row) and packed
-      GEMM (4 rows): flan-t5-small greedy b1 1.02x, beam4 b1 1.19x faster; flan-t5-base 1.05x and 1.22x.
-    - 4-64 rows (5-64 with the kernels): MKL's GEMM on copies of the weights prepacked for `rows` rows. For 4 to 64
-      rows the packed GEMM makes whole generations 1.1-1.3x faster here (1-3 rows: no faster; 128: 1.01x), and
-      packing, which costs about two steps, does not pay for short generations. The copies (~1.35x those weights'
-      memory) are made on entry and dropped on exit, unless keep=True (compiled decoding, which keeps its graphs
-      too) and they take at most KEEP_BYTES (flan-t5-base's: 0.67 GB): then they stay with the layers for the next
-      call with the same row count, which uses them only if the weights still have the fingerprints they had when
-      packed, so weights changed between calls (training) never meet a stale copy. Checking costs a quarter of
-      packing; keeping made compiled beam4 b1 decoding 1.05-1.16x faster here, batch 8 up to 1.05x.
+    on faster CPU kernels than F.linear, for the number of rows every step feeds, where that pays: CPU, float32 or
+    bfloat16, no autocast, 16 or more steps.
+    - 1-4 rows of float32: kernels.rows_linear (built on first use; see kernels.py), which reads each weight once a
+      step, in order, with software prefetch. Compiled generations, against MKL's matrix-vector product (1 row) and
+      packed GEMM (4 rows): flan-t5-small greedy b1 1.02x, beam4 b1 1.19x faster; flan-t5-base 1.05x and 1.22x.
+    - Otherwise (1-64 rows): a packed GEMM (PACKERS: MKL's, oneDNN's) on copies of the weights laid out for `rows`
+      rows, for each layer whose shape measured faster that way than F.linear (choose_packer). For 4 to 64 rows of
+      float32 MKL's packed GEMM makes whole generations 1.1-1.3x faster on an Intel Xeon (1-3 rows: no faster; 128:
+      1.01x); packing costs about two steps, which does not pay for short generations. The copies (~1.35x those
+      weights' memory) are made on entry and dropped on exit, unless keep=True (compiled decoding, which keeps its
+      graphs too) and they take at most KEEP_BYTES (flan-t5-base's: 0.67 GB): then they stay with the layers for
+      the next call with the same row count, which uses them only if the weights still have the fingerprints they
+      had when packed, so weights changed between calls (training) never meet a stale copy. Checking costs a
+      quarter of packing; keeping made compiled beam4 b1 decoding 1.05-1.16x faster here, batch 8 up to 1.05x.
+      bfloat16 (oneDNN, AMX): flan-t5-small's step linears 2.7/2.9/3.8/6.7 ms at 1/8/32/64 rows against F.linear's
+      5.0/4.3/6.0/10.2 ms; eager generations 1.1-1.3x faster.
     output_layer=False: not the output layer (greedy decoding reads it through an OutputScreen). packing=False: no
     packed copies (continuous batching, whose row count changes from step to step), only the kernels."""
     linears = [model.lm_head] * output_layer + [linear for b in model.decoder.blocks
                                  for linear in (b.attn.qkv, b.attn.o, b.cross.q, b.cross.o, b.ffn.wi, b.ffn.wo)]
-    cpu32 = (steps >= PACK_MIN_STEPS and not torch.is_autocast_enabled("cpu")
-             and all(linear.weight.device.type == "cpu" and linear.weight.dtype == torch.float32 for linear in linears))
-    if cpu32 and KERNELS and all(kernels.fits(linear.weight, rows) for linear in linears):
+    global last_path
+    if any(type(linear) is not nn.Linear for linear in linears):  # int8 layers (quantize.py) bring their kernel
+        last_path = "int8 layers"
+        yield
+        return
+    dtype = linears[-1].weight.dtype
+    cpu = (steps >= PACK_MIN_STEPS and not torch.is_autocast_enabled("cpu")
+           and all(linear.weight.device.type == "cpu" and linear.weight.dtype == dtype for linear in linears))
+    if cpu and dtype == torch.float32 and KERNELS and all(kernels.fits(linear.weight, rows) for linear in linears):
+        last_path = "rows_linear"
         with forwards(linears, _KERNEL_FORWARDS, torch.ops.nanoflant5_cpu.rows_linear):
             yield
         return
-    if not (cpu32 and packing and MKL_PACKING and rows in PACK_ROWS):
+    if not (cpu and packing and PACKING and rows in PACK_ROWS):
+        last_path = "F.linear"
         yield
         return
+    chosen = {linear: choose_packer(linear.weight, rows) for linear in linears}
+    last_path = "+".join(sorted({str(c or "F.linear") for c in chosen.values()}))
+    linears = [linear for linear in linears if chosen[linear] is not None]
     keep = keep and sum(linear.weight.nbytes for linear in linears) * 1.4 <= KEEP_BYTES  # (copies: ~1.35x)
     packed = []  # keys of this block's copies
     try:
         for linear in linears:
             w = linear.weight
             key = (w.data_ptr(), w.shape)
-            _PACKED[key] = pack(linear, rows, keep), rows
+            _PACKED[key] = pack(linear, chosen[linear], rows, keep), rows, chosen[linear]
             packed.append(key)
         with forwards(linears, _FORWARDS, torch.ops.nanoflant5.packed_linear):
             yield
@@ -161,42 +238,43 @@ def forwards(linears, cache: weakref.WeakKeyDictionary, op):
             linear.__dict__.pop("forward", None)  # back to nn.Linear.forward
 
 
-_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> (rows, its weight's fingerprint, copy)
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> (packer, rows, fingerprint, copy)
 
 
-def pack(linear: nn.Linear, rows: int, keep: bool):
-    """The linear layer's weight packed for `rows` rows: its kept copy if that is still valid (see fast_linears)."""
+def pack(linear: nn.Linear, packer: str, rows: int, keep: bool):
+    """The linear layer's weight packed by `packer` for `rows` rows: its kept copy if that is still valid (see
+    fast_linears)."""
     w = linear.weight
     if not keep or not fingerprintable(w):
-        return _mkl_pack(w, rows)
+        return PACKERS[packer].pack(w, rows)
     marks = fingerprint(w, random_probe(w.shape[1], w.dtype))
     kept = _KEPT.get(linear)
-    if kept is None or kept[0] != rows or not same(marks, kept[1]):
+    if kept is None or kept[:2] != (packer, rows) or not same(marks, kept[2]):
         _KEPT.pop(linear, None)  # the stale copy goes before the new one is made
-        kept = _KEPT[linear] = rows, marks, _mkl_pack(w, rows)
-    return kept[2]
+        kept = _KEPT[linear] = packer, rows, marks, PACKERS[packer].pack(w, rows)
+    return kept[3]
 
 
-# The packed linear as an operator of its own, which torch.compile calls as it is (it cannot trace MKL's packed
-# weights). The packed copies are looked up by the weight's address and shape while fast_linears has them.
-_PACKED: dict[tuple, tuple[torch.Tensor, int]] = {}
+# The packed linear as an operator of its own, which torch.compile calls as it is (it cannot trace packed weights).
+# The packed copies are looked up by the weight's address and shape while fast_linears has them.
+_PACKED: dict[tuple, tuple[torch.Tensor, int, str]] = {}  # -> (packed copy, rows, packer)
 _FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> its packed forward
 _KERNEL_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> its rows_linear forward
-if MKL_PACKING:
-    _mkl_linear, _mkl_pack = torch.ops.mkl._mkl_linear, torch.ops.mkl._mkl_reorder_linear_weight
 
-    def _packed_linear(x, weight):
-        packed, rows = _PACKED.get((weight.data_ptr(), weight.shape), (None, 0))
-        if packed is None or x.numel() != rows * x.shape[-1] or x.dtype != weight.dtype:
-            return F.linear(x, weight)
-        return _mkl_linear(x, packed, weight, None, rows)
 
-    if not hasattr(torch.ops.nanoflant5, "packed_linear"):  # once per process (importlib.reload runs this again)
-        _lib = torch.library.Library("nanoflant5", "DEF")
-        _lib.define("packed_linear(Tensor x, Tensor weight) -> Tensor")
-        _lib.impl("packed_linear", lambda x, weight: _packed_linear(x, weight), "CPU")  # the current definition
-        torch.library.register_fake("nanoflant5::packed_linear",
-                                    lambda x, weight: x.new_empty(*x.shape[:-1], weight.shape[0]), lib=_lib)
+def _packed_linear(x, weight):
+    packed, rows, packer = _PACKED.get((weight.data_ptr(), weight.shape), (None, 0, None))
+    if packed is None or x.numel() != rows * x.shape[-1] or x.dtype != weight.dtype:
+        return F.linear(x, weight)
+    return PACKERS[packer].run(x, packed, weight, rows)
+
+
+if not hasattr(torch.ops.nanoflant5, "packed_linear"):  # once per process (importlib.reload runs this again)
+    _lib = torch.library.Library("nanoflant5", "DEF")
+    _lib.define("packed_linear(Tensor x, Tensor weight) -> Tensor")
+    _lib.impl("packed_linear", lambda x, weight: _packed_linear(x, weight), "CPU")  # the current definition
+    torch.library.register_fake("nanoflant5::packed_linear",
+                                lambda x, weight: x.new_empty(*x.shape[:-1], weight.shape[0]), lib=_lib)
 
 
 # Greedy decoding's output layer through an int8 screen (OutputScreen). On CPU the output layer is ~40% of the bytes a
@@ -213,6 +291,8 @@ def output_screen(model: T5, g: GenerationConfig, rows: int):
     float64 (16 or more steps; a plain bias-free nn.Linear without hooks), else None. It is made on first use and kept
     while the weights keep their fingerprint. rows: per step; 1-8 take kernels.int8_rows where it is built."""
     lm_head = model.lm_head
+    if type(lm_head) is not nn.Linear:
+        return None
     w = lm_head.weight
     if (not SCREEN or g.num_beams > 1 or g.do_sample or g.new_tokens < SCREEN_MIN_STEPS
             or type(lm_head) is not nn.Linear or lm_head.bias is not None

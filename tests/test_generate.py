@@ -144,21 +144,34 @@ def test_batching_does_not_change_outputs(checkpoint, num_beams):
 
 
 def count_packed_calls(monkeypatch):
-    """A list that grows by one at each packed GEMM (speed._packed_linear calling MKL)."""
+    """A list that grows by one at each packed GEMM (speed._packed_linear calling a packer's GEMM)."""
     calls = []
-    if S.MKL_PACKING:
-        mkl_linear = S._mkl_linear
-        monkeypatch.setattr(S, "_mkl_linear", lambda *a: calls.append(1) or mkl_linear(*a))
+    for name, packer in list(S.PACKERS.items()):
+        monkeypatch.setitem(S.PACKERS, name, packer._replace(run=lambda *a, run=packer.run: calls.append(1) or run(*a)))
     return calls
 
 
-@pytest.mark.skipif(not S.MKL_PACKING, reason="torch built without MKL")
-def test_packed_weights_change_no_output(checkpoint, monkeypatch):
-    """float32 on CPU: batched and beam decoding run the decoder on MKL-prepacked weights (packed_weights). Rows are
-    those of plain F.linear decoding, scores agree to float32 rounding, and the copies are gone afterwards."""
+def count_packs(monkeypatch):
+    """A list of the weights packed (by any packer), in order."""
+    packs = []
+    for name, packer in list(S.PACKERS.items()):
+        monkeypatch.setitem(S.PACKERS, name, packer._replace(pack=lambda w, rows, pack=packer.pack: packs.append(w)
+                                                             or pack(w, rows)))
+    return packs
+
+
+PACKERS = sorted(S.PACKERS) or [pytest.param(None, marks=pytest.mark.skip(reason="torch has no packed GEMMs"))]
+
+
+@pytest.mark.parametrize("packer", PACKERS)
+def test_packed_weights_change_no_output(checkpoint, monkeypatch, packer):
+    """float32 on CPU: batched and beam decoding run the decoder on prepacked weights (fast_linears; each packer in
+    turn). Rows are those of plain F.linear decoding, scores agree to float32 rounding, and the copies are gone
+    afterwards."""
     folder, _ = checkpoint("gated-gelu-untied")
     model = load_model(folder, dtype=torch.float32)
     ids, mask = random_batch(96, LENGTHS, seed=6)
+    monkeypatch.setattr(S, "PACKER", packer)
     calls = count_packed_calls(monkeypatch)
     for kw in [dict(max_new_tokens=20), dict(max_new_tokens=20, num_beams=3, num_return_sequences=2)]:
         calls.clear()
@@ -166,14 +179,28 @@ def test_packed_weights_change_no_output(checkpoint, monkeypatch):
         per_step = 6 * len(model.decoder.blocks) + 1  # every decoding step's linears took the packed path
         assert len(calls) >= per_step * (rows.shape[1] - 1) > 0
         assert not any("forward" in m.__dict__ for m in model.modules()) and not S._PACKED
-        monkeypatch.setattr(S, "MKL_PACKING", False)
+        monkeypatch.setattr(S, "PACKING", False)
         plain_rows, plain_scores = model.generate(ids, mask, return_scores=True, **kw)
-        monkeypatch.setattr(S, "MKL_PACKING", True)
+        monkeypatch.setattr(S, "PACKING", True)
         assert torch.equal(rows, plain_rows), kw
         torch.testing.assert_close(scores, plain_scores, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(not S.MKL_PACKING, reason="torch built without MKL")
+@pytest.mark.skipif(not S.PACKERS, reason="torch has no packed GEMMs")
+def test_packers_are_chosen_by_measurement(monkeypatch):
+    """Which packed GEMM a layer gets is measured once per shape, dtype and row count (choose_packer), and the choice
+    is one of the packers that take the dtype, or None (F.linear)."""
+    monkeypatch.setattr(S, "_CHOSEN", {})
+    w = torch.empty(96, 64)
+    choice = S.choose_packer(w, 8)
+    assert choice is None or torch.float32 in S.PACKERS[choice].dtypes
+    assert S._CHOSEN == {((96, 64), torch.float32, 8): choice}
+    monkeypatch.setattr(S, "best_time", lambda fn: pytest.fail("measured twice"))
+    assert S.choose_packer(torch.empty(96, 64), 8) == choice
+    assert S.choose_packer(torch.empty(96, 64, dtype=torch.float16), 8) is None  # no packer takes it: not measured
+
+
+@pytest.mark.skipif(not S.PACKERS, reason="torch has no packed GEMMs")
 def test_packed_weights_follow_training_and_autocast(checkpoint, monkeypatch):
     """Weights changed between two calls (a fused AdamW step, which does not bump tensors' version counters) are
     never met by a stale packed copy; under CPU autocast the decoder runs as autocast says."""
@@ -184,6 +211,7 @@ def test_packed_weights_follow_training_and_autocast(checkpoint, monkeypatch):
     folder, _ = checkpoint("gated-gelu-untied")
     model = load_model(folder, dtype=torch.float32)
     ids, mask = random_batch(96, LENGTHS, seed=7)
+    monkeypatch.setattr(S, "PACKER", sorted(S.PACKERS)[0])
     kw = dict(max_new_tokens=20, num_beams=2, return_scores=True)
     model.generate(ids, mask, **kw)
     optimizer = make_optimizer(model, TrainArgs(model="", data="", output="", lr=1e-2))
@@ -192,40 +220,39 @@ def test_packed_weights_follow_training_and_autocast(checkpoint, monkeypatch):
     optimizer.step()
     model.eval()
     rows, scores = model.generate(ids, mask, **kw)
-    monkeypatch.setattr(S, "MKL_PACKING", False)
+    monkeypatch.setattr(S, "PACKING", False)
     plain_rows, plain_scores = model.generate(ids, mask, **kw)
     assert torch.equal(rows, plain_rows)
     torch.testing.assert_close(scores, plain_scores, rtol=1e-4, atol=1e-4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain = model.generate(ids, mask, **kw)
-        monkeypatch.setattr(S, "MKL_PACKING", True)
+        monkeypatch.setattr(S, "PACKING", True)
         assert torch.equal(model.generate(ids, mask, **kw)[0], plain[0])
 
 
-@pytest.mark.skipif(not S.MKL_PACKING, reason="torch built without MKL")
+@pytest.mark.skipif(not S.PACKERS, reason="torch has no packed GEMMs")
 def test_compiled_decoding_keeps_packed_weights(checkpoint, monkeypatch):
     """compile=True keeps the packed copies between calls: the next call with the same row count packs nothing, a
     weight changed in place (no version counter bump) or replaced is packed again, and so is every weight for a new
-    row count; rows are always those of plain decoding with the current weights. (The step runs eagerly here: what
-    is kept does not depend on compiling, which test_compiled_step_matches_eager covers.)"""
+    row count or another packer; rows are always those of plain decoding with the current weights. (The step runs
+    eagerly here: what is kept does not depend on compiling, which test_compiled_step_matches_eager covers.)"""
     import gc
 
     folder, _ = checkpoint("gated-gelu-untied")
     model = load_model(folder, dtype=torch.float32)
     ids, mask = random_batch(96, LENGTHS[:2], seed=9)
     monkeypatch.setattr(S, "compiled_step", lambda step, device: step)
-    packs = []
-    mkl_pack = S._mkl_pack
-    monkeypatch.setattr(S, "_mkl_pack", lambda w, rows: packs.append(w) or mkl_pack(w, rows))
+    monkeypatch.setattr(S, "PACKER", sorted(S.PACKERS)[0])
+    packs = count_packs(monkeypatch)
     per_call = 6 * len(model.decoder.blocks) + 1
 
     def check(want_packs, **kw):
         packs.clear()
         rows = model.generate(ids, mask, compile=True, max_new_tokens=16, num_beams=3, **kw)
         assert len(packs) == want_packs
-        monkeypatch.setattr(S, "MKL_PACKING", False)
+        monkeypatch.setattr(S, "PACKING", False)
         assert torch.equal(rows, model.generate(ids, mask, max_new_tokens=16, num_beams=3, **kw))
-        monkeypatch.setattr(S, "MKL_PACKING", True)
+        monkeypatch.setattr(S, "PACKING", True)
 
     check(per_call)
     check(0)
@@ -238,6 +265,11 @@ def test_compiled_decoding_keeps_packed_weights(checkpoint, monkeypatch):
     wo.weight = torch.nn.Parameter(wo.weight.detach().flip(0))
     check(1)
     check(0, num_return_sequences=2, length_penalty=0.5)  # other settings, the same rows: kept
+    if len(S.PACKERS) > 1:
+        monkeypatch.setattr(S, "PACKER", sorted(S.PACKERS)[1])
+        check(per_call)
+        monkeypatch.setattr(S, "PACKER", sorted(S.PACKERS)[0])
+        check(per_call)
     packs.clear()
     rows5 = model.generate(ids[:1], compile=True, max_new_tokens=16, num_beams=5)  # 5 rows: packed again
     assert len(packs) == per_call
@@ -253,8 +285,8 @@ def test_compiled_decoding_keeps_packed_weights(checkpoint, monkeypatch):
     assert len(S._KEPT) == kept - per_call  # the copies go with the model
 
 
-@pytest.mark.skipif(not S.MKL_PACKING, reason="torch built without MKL")
-def test_kept_packing_takes_strided_weights():
+@pytest.mark.parametrize("packer", PACKERS)
+def test_kept_packing_takes_strided_weights(packer):
     """A weight that is not contiguous (a transposed view) is packed as it is and not kept (its fingerprint reads
     rows as 8-byte words)."""
     import torch.nn.functional as F
@@ -262,8 +294,8 @@ def test_kept_packing_takes_strided_weights():
     linear = torch.nn.Linear(64, 32, bias=False)
     linear.weight = torch.nn.Parameter(torch.randn(64, 32).t())
     x = torch.randn(4, 64)
-    packed = S.pack(linear, 4, keep=True)
-    torch.testing.assert_close(S._mkl_linear(x, packed, linear.weight, None, 4), F.linear(x, linear.weight))
+    packed = S.pack(linear, packer, 4, keep=True)
+    torch.testing.assert_close(S.PACKERS[packer].run(x, packed, linear.weight, 4), F.linear(x, linear.weight))
     assert linear not in S._KEPT
 
 
@@ -276,16 +308,18 @@ def test_compiled_step_matches_eager(checkpoint, monkeypatch):
     folder, _ = checkpoint("gated-gelu-untied")
     model = load_model(folder, dtype=torch.float32)
     ids, mask = random_batch(96, LENGTHS[:2], seed=8)
+    if S.PACKERS:
+        monkeypatch.setattr(S, "PACKER", sorted(S.PACKERS)[-1])
     calls = count_packed_calls(monkeypatch)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         compiled = model.generate(ids, mask, compile=True, max_new_tokens=16)
         beams = model.generate(ids[1:, :LENGTHS[1]], compile=True, max_new_tokens=16, num_beams=3)
         streamed = torch.stack(list(model.stream(ids, mask, compile=True, max_new_tokens=16)), 1)
-        assert not calls
+        assert not calls or not S.kernels.available()
         packed = model.generate(ids, mask, compile=True, max_new_tokens=16, num_beams=3)
         per_step = 6 * len(model.decoder.blocks) + 1
-        assert len(calls) >= (packed.shape[1] - 1) * per_step or not S.MKL_PACKING
+        assert len(calls) >= (packed.shape[1] - 1) * per_step or not S.PACKERS
     assert not [w for w in caught if "torch.compile failed" in str(w.message)]
     assert torch.equal(compiled, model.generate(ids, mask, max_new_tokens=16))
     assert torch.equal(beams, model.generate(ids[1:, :LENGTHS[1]], max_new_tokens=16, num_beams=3))

@@ -1,0 +1,165 @@
+"""The low-precision modes: weight-only int8 (quantize.py, kernels.int8_linear) and bfloat16 on packed GEMMs. They
+are not token-equal to float32 (benchmarks/bench.py --modes measures how close); what is tested here is that each
+computes exactly what it says: int8 = the model with per-channel round-to-nearest weights, against transformers
+given the same weights; the packed bfloat16 GEMMs = plain bfloat16 decoding."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nanoflant5.speed as S
+from helpers import random_batch
+from nanoflant5 import kernels
+from nanoflant5.load import load_model
+from nanoflant5.quantize import Int8Linear
+
+LENGTHS = [7, 3, 12, 5]
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C++ compiler to build the kernel")
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 17, 64])
+def test_int8_linear_is_the_dequantized_product(rows):
+    """int8_linear(x, q, s) = x @ (s q).T to float32 rounding, for any row count (chunks of 4), weights whose row
+    count is not a multiple of the 4 read side by side, 3-D and strided inputs."""
+    gen = torch.Generator().manual_seed(rows)
+    for K, N in [(16, 1), (32, 7), (512, 1153)]:
+        q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen)
+        s = torch.rand(N, generator=gen) / 100
+        x = torch.randn(rows, 1, 2 * K, generator=gen)[..., ::2]  # (rows, 1, K), not contiguous
+        y = torch.ops.nanoflant5_cpu.int8_linear(x, q, s)
+        assert y.shape == (rows, 1, N) and y.dtype == torch.float32
+        w = q.double() * s.double()[:, None]
+        exact = F.linear(x.double(), w)
+        bound = (K + 2) * 2.0 ** -24 * F.linear(x.double().abs(), w.abs())
+        assert ((y.double() - exact).abs() <= 2 * bound + 1e-30).all(), (K, N)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        torch.ops.nanoflant5_cpu.int8_linear(torch.randn(1, 24), torch.zeros(3, 24, dtype=torch.int8), torch.ones(3))
+
+
+def test_int8_layer_quantizes_per_channel():
+    """Int8Linear holds round(W / s) with s = max|W_row| / 127 (an all-zero row stays zero), and its kernel and its
+    widened-weight path (more rows than KERNEL_ROWS, other dtypes) agree to rounding."""
+    from nanoflant5 import quantize
+
+    w = torch.randn(40, 32) * torch.rand(40, 1)
+    w[5] = 0
+    layer = Int8Linear(w)
+    s = w.abs().amax(1) / 127
+    assert torch.equal(layer.q, torch.round(w / torch.where(s > 0, s, 1)[:, None]).to(torch.int8))
+    assert layer.q.abs().amax(1)[torch.arange(40) != 5].eq(127).all() and not layer.q[5].any()
+    assert ((layer.dequantized() - w).abs() <= s[:, None] / 2 * (1 + 1e-6)).all()  # within half a step
+    x = torch.randn(quantize.KERNEL_ROWS + 1, 32)
+    wide = layer(x)  # more rows than the kernel takes: F.linear with the widened weight
+    torch.testing.assert_close(wide, F.linear(x, layer.dequantized()), rtol=0, atol=0)
+    torch.testing.assert_close(layer(x[:3]), wide[:3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer(x.double()), F.linear(x.double(), layer.dequantized(torch.float64)))
+
+
+@pytest.mark.parametrize("name", ["gated-gelu-untied", "relu-tied", "inner-dim"])
+def test_int8_model_is_transformers_with_the_int8_weights(checkpoint, name):
+    """quantize="int8" replaces every linear layer and the output layer (also a tied one, whose embedding stays
+    float32) and nothing else: its logits are transformers' with the dequantized weights put in (float64 reference;
+    float32 here, 1e-4), greedy and beam rows decoded with it are transformers' (float64 int8-weight copy)."""
+    import copy
+
+    folder, ref = checkpoint(name)
+    model = load_model(folder, quantize="int8")
+    plain = load_model(folder)
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert torch.equal(model.shared.weight, plain.shared.weight)
+    ref = copy.deepcopy(ref)
+    ours = dict(model.named_modules())
+    with torch.no_grad():  # transformers' linears <- our int8 layers' weights (fused ones split back)
+        for i, (hf_block, block) in enumerate(zip(ref.encoder.block, model.encoder.blocks)):
+            hf_attn = hf_block.layer[0].SelfAttention
+            for part, w in zip((hf_attn.q, hf_attn.k, hf_attn.v), block.attn.qkv.dequantized(torch.float64).chunk(3)):
+                part.weight.copy_(w)
+            hf_attn.o.weight.copy_(block.attn.o.dequantized(torch.float64))
+            set_ffn(hf_block.layer[1].DenseReluDense, block.ffn)
+        for hf_block, block in zip(ref.decoder.block, model.decoder.blocks):
+            hf_attn = hf_block.layer[0].SelfAttention
+            for part, w in zip((hf_attn.q, hf_attn.k, hf_attn.v), block.attn.qkv.dequantized(torch.float64).chunk(3)):
+                part.weight.copy_(w)
+            hf_attn.o.weight.copy_(block.attn.o.dequantized(torch.float64))
+            hf_cross = hf_block.layer[1].EncDecAttention
+            hf_cross.q.weight.copy_(block.cross.q.dequantized(torch.float64))
+            for part, w in zip((hf_cross.k, hf_cross.v), block.cross.kv.dequantized(torch.float64).chunk(2)):
+                part.weight.copy_(w)
+            hf_cross.o.weight.copy_(block.cross.o.dequantized(torch.float64))
+            set_ffn(hf_block.layer[2].DenseReluDense, block.ffn)
+        if ref.lm_head.weight is ref.shared.weight:  # tied: give transformers its own output layer
+            ref.lm_head.weight = torch.nn.Parameter(ref.shared.weight.detach().clone())
+        ref.lm_head.weight.copy_(ours["lm_head"].dequantized(torch.float64))
+    ids, mask = random_batch(96, LENGTHS, seed=11)
+    labels = random_batch(96, [5, 9, 2, 6], seed=12)[0]
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, labels=labels).logits
+    got = model(ids, mask, labels=labels)
+    got = got[1] if isinstance(got, tuple) else got
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    for kw in [dict(max_new_tokens=12), dict(max_new_tokens=12, num_beams=3)]:
+        theirs = ref.generate(input_ids=ids, attention_mask=mask, do_sample=False, **kw)
+        mine = model.generate(ids, mask, **kw)
+        same = sum(torch.equal(a[:len(b)], b[:len(a)]) for a, b in zip(mine, theirs))
+        assert same >= len(LENGTHS) - 1, kw  # float32 against float64: a near tie may part one row
+
+
+def set_ffn(hf_ffn, ffn):
+    wi = ffn.wi.dequantized(torch.float64)
+    if hasattr(hf_ffn, "wi_0"):
+        hf_ffn.wi_0.weight.copy_(wi.chunk(2)[0])
+        hf_ffn.wi_1.weight.copy_(wi.chunk(2)[1])
+    else:
+        hf_ffn.wi.weight.copy_(wi)
+    hf_ffn.wo.weight.copy_(ffn.wo.dequantized(torch.float64))
+
+
+def test_quantize_refuses_what_it_does_not_do(checkpoint):
+    folder, _ = checkpoint("gated-gelu-untied")
+    with pytest.raises(ValueError, match="expected one of int8"):
+        load_model(folder, quantize="int4")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        load_model(folder, dtype=torch.bfloat16, quantize="int8")
+
+
+@pytest.mark.skipif("onednn" not in S.PACKERS or torch.bfloat16 not in S.PACKERS["onednn"].dtypes,
+                    reason="oneDNN without bfloat16 here")
+def test_bfloat16_packed_decoding_is_plain_bfloat16(checkpoint, monkeypatch):
+    """bfloat16 on CPU: the decoding step's linears run oneDNN's GEMM on packed copies; rows and scores are those of
+    plain bfloat16 decoding (F.linear)."""
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = load_model(folder, dtype=torch.bfloat16)
+    ids, mask = random_batch(96, LENGTHS, seed=13)
+    monkeypatch.setattr(S, "PACKER", "onednn")
+    calls = []
+    packer = S.PACKERS["onednn"]
+    monkeypatch.setitem(S.PACKERS, "onednn", packer._replace(run=lambda *a: calls.append(1) or packer.run(*a)))
+    for kw in [dict(max_new_tokens=20), dict(max_new_tokens=20, num_beams=3)]:
+        calls.clear()
+        rows, scores = model.generate(ids, mask, return_scores=True, **kw)
+        assert len(calls) >= (6 * len(model.decoder.blocks) + 1) * (rows.shape[1] - 1) > 0
+        monkeypatch.setattr(S, "PACKING", False)
+        plain_rows, plain_scores = model.generate(ids, mask, return_scores=True, **kw)
+        monkeypatch.setattr(S, "PACKING", True)
+        assert torch.equal(rows, plain_rows), kw
+        torch.testing.assert_close(scores, plain_scores, rtol=1e-2, atol=1e-2)
+
+
+def test_engine_runs_the_int8_model(checkpoint):
+    """Continuous batching (engine.py, behind the server) with an int8 model: each greedy request gets the rows the
+    int8 model's generate() gives it alone (mixed positions in one step; float32, so a near tie may part a row)."""
+    from nanoflant5.engine import Engine, Request
+
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = load_model(folder, quantize="int8")
+    ids, mask = random_batch(96, LENGTHS * 2, seed=14)
+    prompts = [row[:int(m.sum())].tolist() for row, m in zip(ids, mask)]
+    engine = Engine(model, max_batch_size=3, max_new_tokens=20)
+    requests = [engine.submit(Request(p, dict(max_new_tokens=20))) for p in prompts]
+    while engine.busy:
+        engine.step()
+    same = 0
+    for r, p in zip(requests, prompts):
+        want = model.generate(torch.tensor([p]), max_new_tokens=20)[0]
+        same += torch.equal(r.rows[0], want)
+    assert same >= len(prompts) - 1
