@@ -12,6 +12,10 @@ batch * 64 / seconds (returned tokens, also for beam search). Implementations ru
 CTranslate2, ours, ...) after one warm-up each; the median of --repeats runs is reported, and with each ratio the
 lowest and highest of the per-run ratios (each run against transformers' run in the same round), which shows how
 much the shared machine moved the ratio during the benchmark.
+The "mixed b8" row is what a server runs: 32 requests of 16-64 new tokens (forced) through nanoflant5's
+continuous-batching engine, 8 rows a step, requests joining as rows free up (so a step's rows sit at different
+positions); transformers and CTranslate2, which have no continuous batching, run them in static batches of 8, each
+decoded to its longest request. tokens/s counts the requested tokens.
 With --modes: nanoflant5 in bfloat16 and with quantize="int8", and CTranslate2's int8 model (int8_float32 on CPU),
 run on the same rows, and each one's agreement with float32 (nanoflant5's, which is transformers') over 64 prompts
 of greedy decoding: the share of rows identical and the mean position of the first differing token among the
@@ -44,6 +48,7 @@ MODELS = {"small": "flan-t5-small", "base": "flan-t5-base"}
 SETTINGS = [("greedy b1", 1, 1), ("beam4 b1", 1, 4), ("greedy b8", 8, 1), ("beam4 b8", 8, 4), ("greedy b32", 32, 1)]
 MODES = {"nanoflant5 bf16": dict(dtype=torch.bfloat16), "nanoflant5 int8": dict(quantize="int8")}
 AGREE_PROMPTS = 64
+MIXED_REQUESTS, MIXED_ROWS = 32, 8  # the mixed-positions row: requests of 16-64 new tokens, 8 rows a step
 IN_LEN, NEW = 64, 64
 ENC_BATCH, ENC_LEN = 8, 512
 THREADS = 2
@@ -110,16 +115,18 @@ def load_runners(folder: Path, impls):
     for name in [i for i in impls if i.startswith("nanoflant5")]:
         ours = T5.from_pretrained(folder, device=DEVICE, **MODES.get(name, dict(dtype=DTYPE)))
         runners[name] = (
-            lambda ids, mask, beams, ours=ours: ours.generate(ids, mask, max_new_tokens=NEW, min_new_tokens=NEW,
-                                                              num_beams=beams, compile=COMPILE),
-            lambda ids, mask, ours=ours: ours.encode(ids, mask))
+            lambda ids, mask, beams, new=NEW, ours=ours: ours.generate(ids, mask, max_new_tokens=new,
+                                                                       min_new_tokens=new, num_beams=beams,
+                                                                       compile=COMPILE),
+            lambda ids, mask, ours=ours: ours.encode(ids, mask),
+            lambda ids, mask, lengths, ours=ours: engine_run(ours, ids, mask, lengths))
     if "transformers" in impls:
         from transformers import T5ForConditionalGeneration
 
         hf = T5ForConditionalGeneration.from_pretrained(folder, dtype=DTYPE).to(DEVICE).eval()
         runners["transformers"] = (
-            lambda ids, mask, beams: hf.generate(input_ids=ids, attention_mask=mask, do_sample=False,
-                                                 max_new_tokens=NEW, min_new_tokens=NEW, num_beams=beams),
+            lambda ids, mask, beams, new=NEW: hf.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                                                          max_new_tokens=new, min_new_tokens=new, num_beams=beams),
             lambda ids, mask: hf.encoder(input_ids=ids, attention_mask=mask).last_hidden_state)
     if "ctranslate2" in impls:
         runners["ctranslate2"] = (CT2Worker(ct2_dir(folder)).generate, None)
@@ -139,8 +146,8 @@ class CT2Worker:
                                      text=True)
         self.seconds = None
 
-    def generate(self, ids, mask, beams):
-        request = {"src": [row[m.bool()].tolist() for row, m in zip(ids, mask)], "beams": beams, "new": NEW}
+    def generate(self, ids, mask, beams, new=NEW):
+        request = {"src": [row[m.bool()].tolist() for row, m in zip(ids, mask)], "beams": beams, "new": new}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
         reply = json.loads(self.proc.stdout.readline())
@@ -148,6 +155,33 @@ class CT2Worker:
         rows = reply["rows"]
         width = max(map(len, rows))
         return torch.tensor([[0] + r + [0] * (width - len(r)) for r in rows])  # start token first, like HF
+
+
+def engine_run(model, ids, mask, lengths):
+    """Continuous batching (nanoflant5's engine, MIXED_ROWS rows a step): the requests join as rows free up, so a
+    step's rows sit at different positions. -> the requests' rows."""
+    from nanoflant5.engine import Engine, Request
+
+    engine = Engine(model, max_batch_size=MIXED_ROWS, max_new_tokens=max(lengths))
+    requests = [engine.submit(Request(row[m.bool()].tolist(), dict(max_new_tokens=n, min_new_tokens=n)))
+                for row, m, n in zip(ids, mask, lengths)]
+    engine.run_until_idle()
+    return [r.rows[0] for r in requests]
+
+
+def static_batches(generate, ids, mask, lengths):
+    """The same requests in static batches of MIXED_ROWS (each decoded for its longest request's length), as an
+    implementation without continuous batching runs them. -> each request's row, cut to its length."""
+    rows, seconds = [], 0.0
+    worker = getattr(generate, "__self__", None)
+    for i in range(0, len(lengths), MIXED_ROWS):
+        n = max(lengths[i:i + MIXED_ROWS])
+        out = generate(ids[i:i + MIXED_ROWS], mask[i:i + MIXED_ROWS], 1, new=n)
+        rows += [row[:1 + k] for row, k in zip(out, lengths[i:i + MIXED_ROWS])]
+        seconds += worker.seconds if isinstance(worker, CT2Worker) else 0.0
+    if isinstance(worker, CT2Worker):
+        worker.seconds = seconds  # race() reads the worker's own timing
+    return rows
 
 
 def timed(fn, *args):
@@ -198,6 +232,18 @@ def bench_model(name: str, folder: Path, ct2_ok: bool, repeats: int, modes: list
             equal += f"; ct2 {same}/{batch} rows"
         rows.append((name, label, tps, equal, paths))
         print(f"[bench] {name} {label}: {rates(tps)} ({equal}; {paths})", file=sys.stderr)
+    lengths = [16 + (i * 37) % 49 for i in range(MIXED_REQUESTS)]  # 16-64, mixed
+    ids, mask = inputs(MIXED_REQUESTS, IN_LEN, seed=5)
+    mixed = {n: r for n, r in runners.items() if n in ("nanoflant5", "transformers", "ctranslate2")}
+    paths = {}
+    res = race(mixed, lambda r: r[2](ids, mask, lengths) if len(r) > 2 else static_batches(r[0], ids, mask, lengths),
+               repeats, paths)
+    tps = speeds(res, sum(lengths))
+    same = sum(torch.equal(a, b[:len(a)]) for a, b in zip(res["nanoflant5"][1], res["transformers"][1]))
+    label = f"mixed b{MIXED_ROWS}"
+    rows.append((name, label, tps, f"{same}/{MIXED_REQUESTS} requests",
+                 {"nanoflant5": "engine (last step: " + paths.get("nanoflant5", "") + ")"}))
+    print(f"[bench] {name} {label}: {rates(tps)} ({same}/{MIXED_REQUESTS})", file=sys.stderr)
     ids, mask = inputs(ENC_BATCH, ENC_LEN, seed=7)
     enc = {n: r for n, r in runners.items() if r[1] is not None}
     with torch.inference_mode():
@@ -365,11 +411,11 @@ def main():
         modes = list(MODES) if args.modes else []
         if args.modes and ct2_dir is not None and ct2_convert(folder, "int8")[0] is not None:
             modes.append("ctranslate2 int8")
+        if args.first_call:  # first, while this process holds no model (a fresh process's memory is not contended)
+            first[name] = first_calls(folder)
         with torch.inference_mode():
             model_rows, agree[name] = bench_model(name, folder, ct2_dir is not None, args.repeats, modes)
         rows += model_rows
-        if args.first_call:
-            first[name] = first_calls(folder)
         if not args.no_memory:
             impls = ["baseline", "transformers", "nanoflant5"] + (["ctranslate2"] if ct2_dir else [])
             mem.append((name, {i: peak_rss(i, folder) for i in impls}))

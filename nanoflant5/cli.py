@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=DTYPES, default="float32")
     g.add_argument("--quantize", choices=("int8",), help="weight-only int8 linear layers (CPU; close to float32's "
                                                          "output, not equal)")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the decoding step: a slow first batch (15-40 s on CPU), faster later ones")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the decoding step: a slow first batch (9-60 s on CPU), faster later ones "
+                        "(default: once the eager decoding has taken as long as compiling takes)")
 
     s = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching (pip install "
                                      "'nanoflant5[serve]')")

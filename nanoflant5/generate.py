@@ -151,7 +151,7 @@ def prepare(model: T5, input_ids, attention_mask, seed, generator, kwargs):
 
 
 def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = None,
-             generator: torch.Generator | None = None, return_scores: bool = False, compile: bool = False,
+             generator: torch.Generator | None = None, return_scores: bool = False, compile: bool | None = None,
              **kwargs):
     """Rows [batch * num_return_sequences, length]: the decoder start token, the generated tokens, </s> where the
     model ended, then padding. Arguments as transformers' generate(): max_new_tokens, max_length, min_new_tokens,
@@ -162,9 +162,11 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
     seed or generator makes sampling repeatable. return_scores=True also returns a float32 score per row: for beam
     search transformers' sequence score (sum of processed log-probabilities / length**length_penalty), otherwise
     the sum of the model's log-probabilities of the generated tokens (</s> included). compile=True runs the decoding
-    step through torch.compile (speed.compiled_step): the first call of each kind compiles (15-40 s on CPU for
-    flan-t5-small), later ones decode faster (docs/performance.md), and batched CPU decoding keeps its packed
-    weights between calls (speed.fast_linears)."""
+    step through torch.compile (speed.compiled_step): the first call of each kind compiles (9-60 s on CPU for
+    flan-t5-small and base), later ones decode faster (docs/performance.md), and batched CPU decoding keeps its
+    packed weights between calls (speed.fast_linears). compile=None (the default): eager until this model's eager
+    decoding in this process has taken as long as compiling takes, then compiled (CPU; speed.compile_pays);
+    compile=False: never."""
     with torch.inference_mode():
         g, attention_mask, rng = prepare(model, input_ids, attention_mask, seed, generator, kwargs)
         encoded = model.encode(input_ids, attention_mask)
@@ -187,7 +189,7 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
 
 
 @torch.inference_mode()
-def stream(model: T5, input_ids, attention_mask=None, *, seed=None, generator=None, compile: bool = False,
+def stream(model: T5, input_ids, attention_mask=None, *, seed=None, generator=None, compile: bool | None = None,
            **kwargs):
     """Greedy or sampled decoding that yields each step's new tokens, a LongTensor [batch] (padding for rows that
     already ended), as soon as they are chosen. The tokens are those generate() returns for the same arguments

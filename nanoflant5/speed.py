@@ -15,6 +15,8 @@ test_kernels.py). docs/performance.md has the measurements behind each choice.
 
 from __future__ import annotations
 
+import json
+import os
 import time
 import warnings
 import weakref
@@ -45,7 +47,7 @@ class Speedups:
     screen: greedy decoding's OutputScreen, or None (then the step returns logits)."""
 
     def __init__(self, model: T5, g: GenerationConfig, rows: int, dtype: torch.dtype, compile: bool, scores: bool):
-        self.model, self.compile = model, compile
+        self.model, self.compile, self.dtype = model, compile, dtype
         self.screen = None if scores else output_screen(model, g, rows)
         # blockwise top-k may order equal entries unlike torch.topk: only where equal scores do not come up (they are
         # common with half-precision activations)
@@ -68,36 +70,131 @@ class Speedups:
 
     def compiled(self, step, device):
         """The decoding step as the loops call it: through torch.compile (compiled_step) if this call compiles."""
-        return compiled_step(step, device) if self.compile else step
+        if not self.compile:
+            return step
+        key = compile_key(self.model, self.dtype)
+        return compiled_step(step, device, on_compiled=lambda seconds: record_compile_seconds(key, seconds))
 
 
 @contextmanager
-def decoding(model: T5, g: GenerationConfig, rows: int, dtype: torch.dtype, compile: bool = False,
+def decoding(model: T5, g: GenerationConfig, rows: int, dtype: torch.dtype, compile: bool | None = None,
              scores: bool = False):
     """The Speedups of a decoding call of `rows` rows a step in activations of `dtype`; inside the block, the step's
     linear layers run on the fastest kernels that pay (fast_linears). compile: the step goes through torch.compile
-    (and keeps its packed weights between calls). scores: the caller needs every token's probability (no screen)."""
+    (and keeps its packed weights between calls); None: once compiling pays (compile_pays). scores: the caller needs
+    every token's probability (no screen)."""
     global last_path
+    if compile is None:
+        compile = compile_pays(model, dtype)
     fast = Speedups(model, g, rows, dtype, compile, scores)
+    start = time.perf_counter()
     with fast_linears(model, rows, g.new_tokens, output_layer=fast.screen is None, keep=compile):
         last_path += " + int8 screen" * (fast.screen is not None) + " + compiled" * compile
         yield fast
+    if not compile:
+        _EAGER_SECONDS[model] = _EAGER_SECONDS.get(model, 0.0) + time.perf_counter() - start
 
 
-def compiled_step(step, device):
+# compile=None, generate()'s default: a model decodes eagerly until compiling pays, by the rule of renting skis until
+# their rent has cost as much as buying them (Karlin, Manasse, McGeoch & Owicki 1994, "Competitive randomized
+# algorithms for nonuniform problems"): once the model's eager decoding in this process has taken as long as
+# compiling its step takes, it is compiled. Whatever the work to come, that costs at most about twice the better of
+# "never compile" and "compile at once". A short job (a CLI call, a first request) never waits for a compiler; a long
+# or repeated one is compiled early in it. How long compiling takes is measured when it happens and kept beside
+# torch's compile cache (a later process with that cache compiles in ~9 s instead of ~33 s for flan-t5-small), else
+# COMPILE_SECONDS is assumed.
+COMPILE_AUTO = True  # tests switch it off: their default path stays eager
+COMPILE_SECONDS = 30.0  # the guess before a measurement: flan-t5-small's step with an empty cache took 33 s here
+MIN_COMPILE_SECONDS = 2.0  # no compile has taken less (nor is the file of measurements read before)
+_EAGER_SECONDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> eager decoding seconds so far
+_COMPILE_FAILED: set = set()  # device types where compiling failed in this process: not tried again unasked
+_COMPILING: weakref.WeakSet = weakref.WeakSet()  # models compile=None compiles
+_MEASURED: set = set()  # compile keys timed in this process (a later compile of the same key reuses dynamo's work)
+
+
+def compile_pays(model: T5, dtype: torch.dtype) -> bool:
+    """Whether compile=None compiles this call's decoding step (see above; CPU only: compiling on GPU is untested)."""
+    device = model.shared.weight.device
+    if not COMPILE_AUTO or device.type != "cpu" or device.type in _COMPILE_FAILED:
+        return False
+    if model in _COMPILING:
+        return True
+    spent = _EAGER_SECONDS.get(model, 0.0)
+    if spent >= MIN_COMPILE_SECONDS and spent >= compile_seconds(compile_key(model, dtype)):
+        _COMPILING.add(model)  # from now on (its compiled graphs are kept)
+        return True
+    return False
+
+
+def compile_key(model: T5, dtype: torch.dtype) -> str:
+    """What a compiled step's cost depends on: the architecture, the dtype, int8 layers, torch's version."""
+    from dataclasses import asdict
+
+    quantized = any(type(m).__name__ == "Int8Linear" for m in model.modules())
+    return json.dumps([asdict(model.config), str(dtype), quantized, torch.__version__], sort_keys=True, default=str)
+
+
+def compile_seconds_file() -> str:
+    """Beside torch's compile cache (TORCHINDUCTOR_CACHE_DIR), so that the two go together."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return os.path.join(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir(),
+                        "nanoflant5-compile-seconds.json")
+
+
+def compile_seconds(key: str) -> float:
+    """The seconds compiling this key's step took when it was last measured with this compile cache, or the guess."""
+    try:
+        with open(compile_seconds_file()) as f:
+            return float(json.load(f).get(key, COMPILE_SECONDS))
+    except (OSError, ValueError, AttributeError, TypeError):
+        return COMPILE_SECONDS
+
+
+def record_compile_seconds(key: str, seconds: float):
+    """Keep the measurement for later processes (the first compile of a key in a process only: a later one in the
+    same process reuses dynamo's work and would understate it). Written atomically; a failure to write is ignored."""
+    if key in _MEASURED:
+        return
+    _MEASURED.add(key)
+    path = compile_seconds_file()
+    try:
+        try:
+            with open(path) as f:
+                known = json.load(f)
+        except (OSError, ValueError):
+            known = {}
+        known[key] = round(seconds, 2)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(known, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def compiled_step(step, device, on_compiled=None):
     """torch.compile of a decoding step, with dynamic shapes so one compilation serves every position (and later
     calls with the same model). If compiling fails (no C++ compiler for the CPU backend, an unsupported setup), one
-    warning, then the eager step."""
+    warning, then the eager step. on_compiled(seconds): called once with how long the first compiled call took."""
     fast = torch.compile(step, dynamic=True, options={"cpp_wrapper": True} if device.type == "cpu" else None)
+    first = True
 
     def run(tokens, pos: int):
-        nonlocal fast
+        nonlocal fast, first
         if fast is not None and pos > 0:  # position 0 runs eagerly: dynamo would compile a graph just for it
             try:
-                return fast(tokens, pos)
+                start = time.perf_counter()
+                out = fast(tokens, pos)
+                if first and on_compiled is not None:
+                    on_compiled(time.perf_counter() - start)
+                first = False
+                return out
             except Exception as e:  # a step that fails eagerly too raises again below
                 first_line = (str(e).strip().splitlines() or [""])[0][:300]
                 warnings.warn(f"torch.compile failed, decoding eagerly: {type(e).__name__}: {first_line}")
+                _COMPILE_FAILED.add(device.type)
                 fast = None
         return step(tokens, pos)
 

@@ -20,5 +20,10 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def _deterministic():
+def _deterministic(monkeypatch):
+    import nanoflant5.speed
+
     torch.manual_seed(0)
+    # generate()'s default compiles once a model's eager decoding has taken as long as compiling: not in tests that
+    # do not ask for it (test_generate.py tests the rule)
+    monkeypatch.setattr(nanoflant5.speed, "COMPILE_AUTO", False)

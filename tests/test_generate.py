@@ -241,7 +241,7 @@ def test_compiled_decoding_keeps_packed_weights(checkpoint, monkeypatch):
     folder, _ = checkpoint("gated-gelu-untied")
     model = load_model(folder, dtype=torch.float32)
     ids, mask = random_batch(96, LENGTHS[:2], seed=9)
-    monkeypatch.setattr(S, "compiled_step", lambda step, device: step)
+    monkeypatch.setattr(S, "compiled_step", lambda step, device, on_compiled=None: step)
     monkeypatch.setattr(S, "PACKER", sorted(S.PACKERS)[0])
     packs = count_packs(monkeypatch)
     per_call = 6 * len(model.decoder.blocks) + 1
@@ -297,6 +297,54 @@ def test_kept_packing_takes_strided_weights(packer):
     packed = S.pack(linear, packer, 4, keep=True)
     torch.testing.assert_close(S.PACKERS[packer].run(x, packed, linear.weight, 4), F.linear(x, linear.weight))
     assert linear not in S._KEPT
+
+
+def test_default_compiles_once_compiling_pays(checkpoint, monkeypatch, tmp_path):
+    """compile=None (the default): a model decodes eagerly until its eager decoding in this process has taken as long
+    as compiling takes (the guess COMPILE_SECONDS, or the time measured beside the compile cache), then compiled; the
+    first compiled call's time is kept for later processes; after a failed compile, eager again; compile=False never
+    compiles."""
+    monkeypatch.setattr(S, "COMPILE_AUTO", True)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(S, "MIN_COMPILE_SECONDS", 0.0)
+    monkeypatch.setattr(S, "COMPILE_SECONDS", 1e-9)
+    monkeypatch.setattr(S, "_EAGER_SECONDS", __import__("weakref").WeakKeyDictionary())
+    monkeypatch.setattr(S, "_MEASURED", set())
+    monkeypatch.setattr(S, "_COMPILING", __import__("weakref").WeakSet())
+    monkeypatch.setattr(S, "_COMPILE_FAILED", set())
+    compiles = []
+
+    def fake_compiled_step(step, device, on_compiled=None):  # compiling itself: test_compiled_step_matches_eager
+        compiles.append(1)
+        on_compiled(12.5)
+        return step
+
+    monkeypatch.setattr(S, "compiled_step", fake_compiled_step)
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = load_model(folder, dtype=torch.float32)
+    ids, mask = random_batch(96, LENGTHS[:2], seed=10)
+    first = model.generate(ids, mask, max_new_tokens=16)
+    assert not compiles and S._EAGER_SECONDS[model] > 0  # nothing spent yet: eager
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=16, compile=False), first) and not compiles
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=16), first) and compiles == [1]  # now it pays
+    model.generate(ids, mask, max_new_tokens=16)
+    assert compiles == [1, 1]  # and it stays compiled (the real compiled_step keeps its graphs)
+    compiles.clear()
+    key = S.compile_key(model, torch.float32)
+    assert S.compile_seconds(key) == 12.5  # measured, kept beside the compile cache
+    assert (tmp_path / "nanoflant5-compile-seconds.json").exists()
+    again = load_model(folder, dtype=torch.float32)  # a new model (as in a later process): 12.5 s to spend first
+    again.generate(ids, mask, max_new_tokens=16)
+    again.generate(ids, mask, max_new_tokens=16)
+    assert compiles == []
+    S._EAGER_SECONDS[again] = 13.0
+    again.generate(ids, mask, max_new_tokens=16)
+    assert compiles == [1]
+    third = load_model(folder, dtype=torch.float32)
+    S._EAGER_SECONDS[third] = 13.0
+    S._COMPILE_FAILED.add("cpu")  # a compile failed in this process: not tried again unasked
+    third.generate(ids, mask, max_new_tokens=16)
+    assert compiles == [1]
 
 
 def test_compiled_step_matches_eager(checkpoint, monkeypatch):
