@@ -103,9 +103,9 @@ class Tokenizer:
     def from_pretrained(cls, name_or_path) -> "Tokenizer":
         return cls(resolve(name_or_path, TOKENIZER_FILES))
 
-    def encode_ids(self, text: str) -> list[int]:
-        """Token ids of one text, ending with </s>, as AutoTokenizer(text).input_ids."""
-        return self._tok.encode(text).ids
+    def encode_ids(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of one text, ending with </s> (not with add_special_tokens=False), as AutoTokenizer(text)."""
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_rows(self, texts: list[str], max_length: int | None = None) -> list[list[int]]:
         """Token ids of each text, ending with </s>; max_length truncates, keeping the final </s>."""

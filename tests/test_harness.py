@@ -1,0 +1,98 @@
+"""The lm-evaluation-harness model (nanoflant5/harness.py) against lm-eval's own `hf` model with backend=seq2seq on
+the same random-weight checkpoint (FLAN-T5's real tokenizer), both in float64: every loglikelihood, rolling
+loglikelihood and generate_until answer equal, request for request (contexts longer than max_length included)."""
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+lm_eval = pytest.importorskip("lm_eval")
+
+from helpers import checkpoint_with_tokenizer  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402
+
+MAX_LENGTH = 48  # short, so that few-shot contexts are truncated from the left
+MMLU = Path(__file__).parent / "fixtures" / "mmlu" / "abstract_algebra_dev.csv"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from lm_eval.models.huggingface import HFLM
+
+    import nanoflant5.harness  # noqa: F401  (registers "nanoflant5")
+    from lm_eval.api.registry import get_model
+
+    folder = checkpoint_with_tokenizer(tmp_path_factory.mktemp("harness-model"), seed=11)
+    args = dict(pretrained=str(folder), dtype="float64", batch_size=3, max_length=MAX_LENGTH, device="cpu")
+    ours = get_model("nanoflant5")(**args)
+    theirs = HFLM(backend="seq2seq", **args)
+    # lm-eval 0.4.13 calls tie_weights() after loading, and transformers 5 reads FLAN-T5's config.json
+    # ("tie_word_embeddings": false) as tie_word_embeddings=True, scale_decoder_outputs=False: the output layer becomes
+    # the input embedding, which is not the checkpoint's model. The reference gets the checkpoint's output layer back.
+    from transformers import T5ForConditionalGeneration
+
+    assert torch.equal(theirs.model.lm_head.weight, theirs.model.shared.weight)  # (the tie this undoes)
+    head = T5ForConditionalGeneration.from_pretrained(folder, dtype=torch.float64).lm_head.weight.detach().clone()
+    theirs.model.lm_head.weight = torch.nn.Parameter(head)
+    assert not torch.equal(theirs.model.lm_head.weight, theirs.model.shared.weight)
+    return ours, theirs
+
+
+def mmlu_requests():
+    """MMLU-style prompts (lm-eval's mmlu format: question, lettered choices, "Answer:") with the four letters as
+    continuations, zero- and few-shot, and an empty context."""
+    with open(MMLU, newline="") as f:
+        rows = list(csv.DictReader(f))
+    head = "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
+
+    def block(row, answer=True):
+        text = row["question"] + "".join(f"\n{l}. {row[f'choice{i}']}" for i, l in enumerate("ABCD")) + "\nAnswer:"
+        return text + (f" {'ABCD'[int(row['answer'])]}\n\n" if answer else "")
+
+    contexts = [head + block(r, answer=False) for r in rows[:3]]
+    contexts.append(head + "".join(block(r) for r in rows[:2]) + block(rows[2], answer=False))  # 2-shot: truncated
+    requests = [(c, f" {letter}") for c in contexts for letter in "ABCD"]
+    requests += [("", "Abstract algebra studies groups."), ("Question: 2 + 2 =", " 4 and not 5")]
+    return [Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)]
+
+
+def test_loglikelihood_equals_lm_eval_hf_seq2seq(models):
+    ours, theirs = models
+    requests = mmlu_requests()
+    want = theirs.loglikelihood(requests, disable_tqdm=True)
+    got = ours.loglikelihood(requests, disable_tqdm=True)
+    assert len(got) == len(want) == len(requests)
+    for (a, greedy_a), (b, greedy_b), r in zip(got, want, requests):
+        assert a == pytest.approx(b, abs=1e-6), r.args
+        assert greedy_a == greedy_b, r.args
+    assert len({round(a, 3) for a, _ in got}) > len(got) // 2  # the answers differ from one another
+    assert len(ours.tok_encode(requests[12].args[0])) > MAX_LENGTH  # the few-shot context was truncated
+
+
+def test_loglikelihood_rolling_equals_lm_eval_hf_seq2seq(models):
+    ours, theirs = models
+    texts = ["Groups, rings and fields. " * 20, "A short text.", "Z_3[x]/(x^2 + c) is a field for some c."]
+    requests = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate(texts)]
+    want = theirs.loglikelihood_rolling(requests, disable_tqdm=True)
+    got = ours.loglikelihood_rolling(requests, disable_tqdm=True)
+    assert got == pytest.approx(want, abs=1e-6)
+    assert len(ours.tok_encode(texts[0])) > 2 * MAX_LENGTH  # several windows
+
+
+def test_generate_until_equals_lm_eval_hf_seq2seq(models):
+    """Greedy generation with stop strings and max_gen_toks, in batches of mixed lengths; the second group stops at
+    a string taken from the first group's own outputs, so that cutting at a stop string is exercised."""
+    ours, theirs = models
+    contexts = [r.args[0] for r in mmlu_requests()[::4]] + ["Question: what is a group?\nAnswer:"]
+    first = [Instance("generate_until", {}, (c, {"until": ["\n\n", "Question:"], "max_gen_toks": 10}), i)
+             for i, c in enumerate(contexts)]
+    want = theirs.generate_until(first, disable_tqdm=True)
+    assert ours.generate_until(first, disable_tqdm=True) == want
+    stop = next(w[len(w) // 2:len(w) // 2 + 3] for w in want if len(w) > 8)
+    second = [Instance("generate_until", {}, (c, {"until": [stop], "max_gen_toks": 10, "do_sample": False}), i)
+              for i, c in enumerate(contexts)]
+    cut = theirs.generate_until(second, disable_tqdm=True)
+    assert ours.generate_until(second, disable_tqdm=True) == cut
+    assert any(len(b) < len(a) and a.startswith(b) for a, b in zip(want, cut))  # cut at the new stop string
