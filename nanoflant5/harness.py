@@ -9,7 +9,9 @@ Arguments as lm-eval's `hf` model names them. Every request is answered as lm-ev
 backend=seq2seq answers it (lm_eval/models/huggingface.py), so scores can be compared one to one:
 - loglikelihood(context, continuation): the context's tokens (ending in </s>) go to the encoder, truncated from the
   left to max_length; the continuation's tokens (without </s>) are the decoder's labels; the answer is the sum of
-  their log-probabilities (float32, or the model's dtype if wider) and whether each is the argmax;
+  their log-probabilities (float32, or the model's dtype if wider) and whether each is the argmax. Requests are
+  batched longest first, as lm-eval sorts them, so that a question's continuations (MMLU's four letters) land in
+  one batch, where their context is encoded once;
 - loglikelihood_rolling(text): lm-eval's rolling windows of max_length tokens, each scored as above with </s> as its
   encoder input, summed;
 - generate_until(context, gen_kwargs): the context truncated from the left to max_length, decoded greedily (or as
@@ -92,12 +94,14 @@ class NanoFlanT5(TemplateLM):
         results = []
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="Running loglikelihood requests")
         for chunk in order.get_batched(n=override_bs or self.batch_size):
-            contexts = [ctx[-self.max_length:] for _, ctx, _ in chunk]
-            conts = [cont[-self.max_length:] for _, _, cont in chunk]
-            ids, mask = pad(contexts, self.device)
-            labels, _ = pad(conts, self.device)
+            contexts = [tuple(ctx[-self.max_length:]) for _, ctx, _ in chunk]
+            unique = list(dict.fromkeys(contexts))  # a question's continuations share one encoder pass
+            rows = torch.tensor([unique.index(c) for c in contexts], device=self.device)
+            ids, mask = pad(unique, self.device)
+            labels, _ = pad([cont[-self.max_length:] for _, _, cont in chunk], self.device)
             with torch.inference_mode():
-                logits = self.model(ids, mask, labels=labels)
+                encoded = self.model.encode(ids, mask)
+                logits = self.model.decode(self.model.shift_right(labels), encoded[rows], mask[rows])
                 log_probs = F.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
             for (key, _, cont), row in zip(chunk, log_probs):
                 row = row[:len(cont)]

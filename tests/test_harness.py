@@ -96,3 +96,17 @@ def test_generate_until_equals_lm_eval_hf_seq2seq(models):
     cut = theirs.generate_until(second, disable_tqdm=True)
     assert ours.generate_until(second, disable_tqdm=True) == cut
     assert any(len(b) < len(a) and a.startswith(b) for a, b in zip(want, cut))  # cut at the new stop string
+
+
+def test_continuations_of_a_context_share_one_encoder_pass(models, monkeypatch):
+    """MMLU's four letters of a question land in one batch (lm-eval's length-sorted order) and their context is
+    encoded once: 3 questions x 4 letters in batches of 8 encode 3 contexts (4 if a question straddles two batches)."""
+    ours, _ = models
+    rows = []
+    encode = ours.model.encode
+    monkeypatch.setattr(ours.model, "encode", lambda ids, mask: rows.append(len(ids)) or encode(ids, mask))
+    monkeypatch.setattr(ours, "batch_size", 8)
+    requests = mmlu_requests()[:12]
+    assert len({r.args[0] for r in requests}) == 3
+    ours.loglikelihood(requests, disable_tqdm=True)
+    assert sum(rows) <= 4 and len(rows) == 2
