@@ -125,6 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
                        ("fsdp", "shard the model over processes (FSDP2) instead of replicating it (DDP)")]:
         t.add_argument(f"--{flag}", f"--{flag.replace('-', '_')}", dest=flag.replace("-", "_"), action="store_true",
                        help=text)
+
+    c = sub.add_parser("compare", help="the same prompts through nanoflant5 and transformers: how often the outputs "
+                                       "are identical (pip install transformers)")
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    c.add_argument("--model", default=DEFAULT_MODEL, help=f"local folder or hub id (default {DEFAULT_MODEL})")
+    c.add_argument("--data", required=True, help="JSONL (a prompt, input, text or question field) or text file")
+    c.add_argument("--num-beams", dest="num_beams", type=int, default=1)
+    c.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=100)
+    c.add_argument("--batch-size", dest="batch_size", type=int, default=16)
+    c.add_argument("--limit", type=int, help="the first N prompts")
+    c.add_argument("--dtype", choices=DTYPES + ("float64",), default="float32")
+    c.add_argument("--quantize", choices=("int8",), help="nanoflant5's side in weight-only int8")
+    c.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    c.add_argument("--show", type=int, default=20, help="print the texts of this many that differ")
+    c.add_argument("--output", help="write every comparison as JSONL")
     return parser
 
 
@@ -267,11 +282,41 @@ def cmd_serve(args) -> int:
                  args.max_new_tokens, getattr(torch, args.dtype), device, args.served_model_name, args.quantize)
 
 
+def cmd_compare(args) -> int:
+    import importlib.util
+
+    for name in ("num_beams", "max_new_tokens", "batch_size", "limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    check_quantize(args)
+    if importlib.util.find_spec("transformers") is None:
+        raise UsageError("compare runs transformers beside nanoflant5: pip install transformers")
+    import torch
+
+    from .compare import compare, read_prompts, report, write_jsonl
+
+    try:
+        prompts = read_prompts(args.data)[:args.limit]
+    except OSError as e:
+        raise UsageError(f"--data {args.data}: {e.strerror}") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"--data {e}") from e
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    results = compare(args.model, prompts, args.num_beams, args.max_new_tokens, getattr(torch, args.dtype),
+                      args.batch_size, device, args.quantize)
+    print(report(results, args.show))
+    if args.output:
+        write_jsonl(results, args.output)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"generate": cmd_generate, "train": cmd_train, "serve": cmd_serve}[args.command](args)
+        return {"generate": cmd_generate, "train": cmd_train, "serve": cmd_serve,
+                "compare": cmd_compare}[args.command](args)
     except UsageError as e:
         if args.debug:
             traceback.print_exc()
