@@ -13,7 +13,6 @@ whether both pick the same letter for every question (float32: the sums agree to
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def mmlu_requests(data: Path, questions: int, shots: int = 5):
+    from helpers import mmlu_context, mmlu_rows
     from lm_eval.api.instance import Instance
 
     dev_dir, test_dir = data / "dev", data / "test"
@@ -34,27 +34,14 @@ def mmlu_requests(data: Path, questions: int, shots: int = 5):
         dev_dir = test_dir = data
     requests, subjects = [], sorted(p.name[:-len("_dev.csv")] for p in dev_dir.glob("*_dev.csv"))
     for subject in subjects:
-        dev = read(dev_dir / f"{subject}_dev.csv")
+        dev = mmlu_rows(dev_dir / f"{subject}_dev.csv")
         test_file = test_dir / f"{subject}_test.csv"
-        tests = read(test_file) if test_file.exists() else dev
-        head = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-        shots_text = "".join(block(r) for r in dev[:shots])
-        for row in tests:
-            context = head + shots_text + block(row, answer=False)
+        for row in mmlu_rows(test_file) if test_file.exists() else dev:
+            context = mmlu_context(subject, dev[:shots], row)
             requests += [Instance("loglikelihood", {}, (context, f" {letter}"), len(requests)) for letter in "ABCD"]
             if len(requests) >= 4 * questions:
                 return requests
     return requests
-
-
-def read(path: Path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def block(row, answer=True):
-    text = row["question"] + "".join(f"\n{l}. {row[f'choice{i}']}" for i, l in enumerate("ABCD")) + "\nAnswer:"
-    return text + (f" {'ABCD'[int(row['answer'])]}\n\n" if answer else "")
 
 
 def main():
@@ -68,20 +55,16 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(2)
 
-    from bench import MODELS, checkpoint, cpu_model
-    from lm_eval.models.huggingface import HFLM
-    from transformers import T5ForConditionalGeneration
+    from bench import MODELS, checkpoint, cpu_model  # (puts tests/ on the path, for helpers)
+    from helpers import lm_eval_hf
 
     from nanoflant5.harness import NanoFlanT5
 
     folder = checkpoint(Path(args.cache_dir), MODELS[args.model])
     requests = mmlu_requests(Path(args.data), args.questions)
-    common = dict(pretrained=str(folder), dtype="float32", batch_size=args.batch_size, max_length=512, device="cpu")
-    ours = NanoFlanT5(**common)
-    theirs = HFLM(backend="seq2seq", **common)
-    # lm-eval 0.4.13 ties T5's output layer to the embedding under transformers 5: give it the checkpoint's back
-    theirs.model.lm_head.weight = torch.nn.Parameter(
-        T5ForConditionalGeneration.from_pretrained(folder).lm_head.weight.detach().clone())
+    common = dict(dtype="float32", batch_size=args.batch_size, max_length=512, device="cpu")
+    ours = NanoFlanT5(pretrained=str(folder), **common)
+    theirs, _ = lm_eval_hf(folder, **common)  # with the checkpoint's output layer (lm-eval 0.4.13 ties it)
     runners = {"nanoflant5": ours, "lm-eval hf": theirs}
     times = {n: [] for n in runners}
     answers = {}

@@ -11,6 +11,7 @@ import sys
 import traceback
 
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZE = ("int8",)  # quantize.MODES (not imported here: the CLI loads torch only when it runs)
 DEFAULT_MODEL = "google/flan-t5-base"
 
 
@@ -70,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="truncate prompts to this many tokens (default: no truncation)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", choices=DTYPES, default="float32")
-    g.add_argument("--quantize", choices=("int8",), help="weight-only int8 linear layers (CPU; close to float32's "
+    g.add_argument("--quantize", choices=QUANTIZE, help="weight-only int8 linear layers (CPU; close to float32's "
                                                          "output, not equal)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decoding step: a slow first batch (9-60 s on CPU), faster later ones "
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=int, default=default, help=text)
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--dtype", choices=DTYPES + ("float64",), default="float32")
-    s.add_argument("--quantize", choices=("int8",), help="weight-only int8 linear layers (see generate --help)")
+    s.add_argument("--quantize", choices=QUANTIZE, help="weight-only int8 linear layers (see generate --help)")
 
     t = sub.add_parser("train", help="fine-tune on a JSONL or TSV file (torchrun for several processes)")
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -136,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", dest="batch_size", type=int, default=16)
     c.add_argument("--limit", type=int, help="the first N prompts")
     c.add_argument("--dtype", choices=DTYPES + ("float64",), default="float32")
-    c.add_argument("--quantize", choices=("int8",), help="nanoflant5's side in weight-only int8")
+    c.add_argument("--quantize", choices=QUANTIZE, help="nanoflant5's side in weight-only int8")
     c.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     c.add_argument("--show", type=int, default=20, help="print the texts of this many that differ")
     c.add_argument("--output", help="write every comparison as JSONL")
@@ -201,7 +202,7 @@ def cmd_generate(args) -> int:
 
     from . import T5, Tokenizer
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args)
     model_name = f"google/flan-t5-{args.model_size}" if args.model_size else (args.model or DEFAULT_MODEL)
     model = T5.from_pretrained(model_name, dtype=getattr(torch, args.dtype), device=device, quantize=args.quantize)
     tokenizer = Tokenizer.from_pretrained(model_name)
@@ -257,6 +258,20 @@ def cmd_train(args) -> int:
     return train(settings)
 
 
+def pick_device(args) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_at_least_one(args, *names):
+    """Integer options that must be >= 1 when given."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
 def check_quantize(args):
     if args.quantize and args.dtype != "float32":
         raise UsageError(f"--quantize {args.quantize} keeps activations in float32: it cannot be combined with "
@@ -265,9 +280,7 @@ def check_quantize(args):
 
 def cmd_serve(args) -> int:
     check_quantize(args)
-    for name in ("max_batch_size", "max_queue", "max_input_length", "max_new_tokens"):
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_at_least_one(args, "max_batch_size", "max_queue", "max_input_length", "max_new_tokens")
     import importlib.util
 
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
@@ -277,7 +290,7 @@ def cmd_serve(args) -> int:
 
     from .serve import serve
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args)
     return serve(args.model, args.host, args.port, args.max_batch_size, args.max_queue, args.max_input_length,
                  args.max_new_tokens, getattr(torch, args.dtype), device, args.served_model_name, args.quantize)
 
@@ -285,10 +298,7 @@ def cmd_serve(args) -> int:
 def cmd_compare(args) -> int:
     import importlib.util
 
-    for name in ("num_beams", "max_new_tokens", "batch_size", "limit"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    check_at_least_one(args, "num_beams", "max_new_tokens", "batch_size", "limit")
     check_quantize(args)
     if importlib.util.find_spec("transformers") is None:
         raise UsageError("compare runs transformers beside nanoflant5: pip install transformers")
@@ -302,7 +312,7 @@ def cmd_compare(args) -> int:
         raise UsageError(f"--data {args.data}: {e.strerror}") from e
     except (ValueError, UnicodeDecodeError) as e:
         raise UsageError(f"--data {e}") from e
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args)
     results = compare(args.model, prompts, args.num_beams, args.max_new_tokens, getattr(torch, args.dtype),
                       args.batch_size, device, args.quantize)
     print(report(results, args.show))

@@ -32,6 +32,7 @@ from .config import GenerationConfig
 from .generate import beam_steps, changes_scores, decode, decoder_steps, next_tokens, prepare, process_scores
 from .model import T5, KVCache, padding_mask
 from .speed import Speedups, fast_linears, output_screen
+from .tokenizer import pad_rows
 
 
 @dataclass
@@ -162,12 +163,7 @@ class Engine:
             self.bias = self.model.decoder.causal_bias(self.max_new_tokens + 1)
             self.plain = Speedups(self.model, new[0].g, 1, self.dtype, compile=False, scores=True)
         # encode the newcomers together (padded on the right), one copy of the keys and values per row
-        S = max(len(r.input_ids) for r in new)
-        ids = torch.zeros(len(new), S, dtype=torch.long, device=self.device)
-        mask = torch.zeros(len(new), S, dtype=torch.long, device=self.device)
-        for i, r in enumerate(new):
-            ids[i, :len(r.input_ids)] = torch.tensor(r.input_ids, device=self.device)
-            mask[i, :len(r.input_ids)] = 1
+        ids, mask = pad_rows([r.input_ids for r in new], self.cfg.pad_token_id, self.device)
         copies = torch.tensor([r.n for r in new], device=self.device)
         encoded = self.model.encode(ids, mask)
         kv = [(k.repeat_interleave(copies, 0), v.repeat_interleave(copies, 0))

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from .load import resolve
 from .model import T5
-from .tokenizer import TOKENIZER_FILES, Tokenizer
+from .tokenizer import TOKENIZER_FILES, Tokenizer, pad_rows
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's, when neither the config nor the tokenizer says
 
@@ -56,10 +56,11 @@ class NanoFlanT5(TemplateLM):
             dtype = "float32"
         self.model = T5.from_pretrained(pretrained, dtype=getattr(torch, str(dtype)), device=device,
                                         quantize=quantize)
-        self.tokenizer = Tokenizer.from_pretrained(pretrained)
+        tokenizer_folder = resolve(pretrained, TOKENIZER_FILES)
+        self.tokenizer = Tokenizer(tokenizer_folder)
         self._device = torch.device(device)
         self.batch_size = 16 if str(batch_size).startswith("auto") else int(batch_size)
-        self._max_length = int(max_length) if max_length else tokenizer_max_length(pretrained)
+        self._max_length = int(max_length) if max_length else tokenizer_max_length(tokenizer_folder)
         self._max_gen_toks = int(max_gen_toks)
 
     @property
@@ -97,8 +98,9 @@ class NanoFlanT5(TemplateLM):
             contexts = [tuple(ctx[-self.max_length:]) for _, ctx, _ in chunk]
             unique = list(dict.fromkeys(contexts))  # a question's continuations share one encoder pass
             rows = torch.tensor([unique.index(c) for c in contexts], device=self.device)
-            ids, mask = pad(unique, self.device)
-            labels, _ = pad([cont[-self.max_length:] for _, _, cont in chunk], self.device)
+            ids, mask = pad_rows(unique, self.tokenizer.pad_token_id, self.device)
+            labels, _ = pad_rows([cont[-self.max_length:] for _, _, cont in chunk], self.tokenizer.pad_token_id,
+                                 self.device)
             with torch.inference_mode():
                 encoded = self.model.encode(ids, mask)
                 logits = self.model.decode(self.model.shift_right(labels), encoded[rows], mask[rows])
@@ -137,7 +139,7 @@ class NanoFlanT5(TemplateLM):
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
             max_gen_toks = kwargs.pop("max_gen_toks")
             rows = [self.tok_encode(c)[-self.max_length:] for c in contexts]
-            ids, mask = pad(rows, self.device)
+            ids, mask = pad_rows(rows, self.tokenizer.pad_token_id, self.device)
             # the hf model's max_length: the padded contexts' width plus max_gen_toks, the start token included
             settings = generation_settings(kwargs, ids.shape[1] + max_gen_toks - 1)
             out = self.model.generate(ids, mask, **settings)
@@ -164,21 +166,9 @@ def generation_settings(kwargs: dict, max_new_tokens: int) -> dict:
     return {**{k: v for k, v in kwargs.items() if v is not None}, **settings}
 
 
-def pad(rows: list[list[int]], device):
-    """Right-padded ids and mask (pad 0) for rows of token ids."""
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-    return ids.to(device), mask.to(device)
-
-
-def tokenizer_max_length(pretrained) -> int:
+def tokenizer_max_length(folder) -> int:
     """The tokenizer's model_max_length (FLAN-T5's files say 512), as lm-eval's hf model reads it, else 2048."""
     try:
-        folder = resolve(pretrained, TOKENIZER_FILES)
         with open(folder / "tokenizer_config.json") as f:
             n = int(json.load(f).get("model_max_length", 0))
     except (OSError, ValueError, TypeError):

@@ -196,10 +196,9 @@ def param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
 def load_model(name_or_path, dtype=None, device=None, quantize=None) -> T5:
     """Read config.json and the weights of a T5 checkpoint into a T5 in eval mode (float32 unless dtype is given;
     quantize="int8": weight-only int8 linear layers, see quantize.py)."""
-    if quantize is not None:
-        from .quantize import MODES
-        if quantize not in MODES:
-            raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(MODES)}")
+    if quantize is not None:  # checked before anything is read
+        from .quantize import check_mode
+        check_mode(quantize)
         if dtype not in (None, torch.float32):
             raise ValueError(f"quantize={quantize!r} runs its activations in float32; dtype={dtype} cannot be combined")
     folder = resolve(name_or_path)
@@ -263,9 +262,10 @@ def load_model(name_or_path, dtype=None, device=None, quantize=None) -> T5:
 
 def write_atomically(path, write):
     """write(temporary path), force it to disk, then rename it over `path`: whoever reads `path` finds the old file
-    or the complete new one, never half of one (the rename is atomic within a folder)."""
+    or the complete new one, never half of one (the rename is atomic within a folder). The temporary file is the
+    process's own, so that processes writing the same file at once do not write into each other's."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(tmp)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())

@@ -47,16 +47,19 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+def check_mode(mode: str):
+    if mode not in MODES:
+        raise ValueError(f"quantize={mode!r}: expected one of {', '.join(MODES)}")
+
+
 def quantize(model, mode: str):
     """Replace the model's linear layers (attention, feed-forward, output layer) by int8 ones, in place. The
     embedding stays as it is (a tied output layer gets its own int8 copy). Returns the model."""
-    if mode not in MODES:
-        raise ValueError(f"quantize={mode!r}: expected one of {', '.join(MODES)}")
+    check_mode(mode)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 if child.bias is not None:
                     raise ValueError(f"{name}.{child_name}: int8 takes bias-free linear layers")
                 setattr(module, child_name, Int8Linear(child.weight))
-    model.quantized = mode
     return model

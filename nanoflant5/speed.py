@@ -142,34 +142,38 @@ def compile_seconds_file() -> str:
                         "nanoflant5-compile-seconds.json")
 
 
+def measured_compile_seconds(path: str) -> dict:
+    """The file of measurements: compile key -> seconds ({} if missing or unreadable)."""
+    try:
+        with open(path) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
 def compile_seconds(key: str) -> float:
     """The seconds compiling this key's step took when it was last measured with this compile cache, or the guess."""
     try:
-        with open(compile_seconds_file()) as f:
-            return float(json.load(f).get(key, COMPILE_SECONDS))
-    except (OSError, ValueError, AttributeError, TypeError):
+        return float(measured_compile_seconds(compile_seconds_file()).get(key, COMPILE_SECONDS))
+    except (ValueError, TypeError):
         return COMPILE_SECONDS
 
 
 def record_compile_seconds(key: str, seconds: float):
     """Keep the measurement for later processes (the first compile of a key in a process only: a later one in the
     same process reuses dynamo's work and would understate it). Written atomically; a failure to write is ignored."""
+    from .load import write_atomically
+
     if key in _MEASURED:
         return
     _MEASURED.add(key)
     path = compile_seconds_file()
+    known = measured_compile_seconds(path)
+    known[key] = round(seconds, 2)
     try:
-        try:
-            with open(path) as f:
-                known = json.load(f)
-        except (OSError, ValueError):
-            known = {}
-        known[key] = round(seconds, 2)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(known, f)
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: tmp.write_text(json.dumps(known)))
     except OSError:
         pass
 

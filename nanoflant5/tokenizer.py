@@ -116,14 +116,7 @@ class Tokenizer:
 
     def encode(self, texts: str | list[str], max_length: int | None = None):
         """Batch encode, right-padded: (input_ids, attention_mask), both LongTensor [batch, longest]."""
-        rows = self.encode_rows([texts] if isinstance(texts, str) else texts, max_length)
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, :len(r)] = 1
-        return ids, mask
+        return pad_rows(self.encode_rows([texts] if isinstance(texts, str) else texts, max_length), self.pad_token_id)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
@@ -135,6 +128,17 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         """One token's own text (its SentencePiece piece, word boundary as a space), as servers report tokens."""
         return (self._tok.id_to_token(token_id) or "").replace("\u2581", " ")
+
+
+def pad_rows(rows, pad_token_id: int = 0, device=None):
+    """Rows of token ids -> right-padded (input_ids, attention_mask), both LongTensor [batch, longest]."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids.to(device), mask.to(device)
 
 
 class TextStream:

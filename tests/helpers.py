@@ -147,3 +147,37 @@ def checkpoint_with_tokenizer(folder, seed: int):
     for f in TOKENIZER_FILES:
         shutil.copy(Path(__file__).parent / "fixtures" / "flan-t5-small" / f, Path(folder) / f)
     return folder
+
+
+def mmlu_rows(path) -> list[dict]:
+    """An MMLU CSV (header question,choice0..choice3,answer; answer 0-3) as dicts."""
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def mmlu_context(subject: str, shots: list[dict], row: dict) -> str:
+    """lm-eval's MMLU prompt: the subject line, the shots with their answers, the question and "Answer:"."""
+
+    def block(r, answer: bool) -> str:
+        text = r["question"] + "".join(f"\n{l}. {r[f'choice{i}']}" for i, l in enumerate("ABCD")) + "\nAnswer:"
+        return text + (f" {'ABCD'[int(r['answer'])]}\n\n" if answer else "")
+
+    head = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    return head + "".join(block(r, True) for r in shots) + block(row, False)
+
+
+def lm_eval_hf(folder, **args):
+    """lm-eval's hf model (backend=seq2seq) of a checkpoint, with the checkpoint's output layer: lm-eval 0.4.13 calls
+    tie_weights() after loading, and transformers 5 reads FLAN-T5's config.json ("tie_word_embeddings": false) as
+    tie_word_embeddings=True, scale_decoder_outputs=False, so the output layer becomes the input embedding. -> (the
+    model, whether lm-eval had tied it)."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import T5ForConditionalGeneration
+
+    hf = HFLM(pretrained=str(folder), backend="seq2seq", **args)
+    tied = torch.equal(hf.model.lm_head.weight, hf.model.shared.weight)
+    head = T5ForConditionalGeneration.from_pretrained(folder, dtype=hf.model.dtype).lm_head.weight.detach().clone()
+    hf.model.lm_head.weight = torch.nn.Parameter(head)
+    return hf, tied

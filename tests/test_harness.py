@@ -2,7 +2,6 @@
 the same random-weight checkpoint (FLAN-T5's real tokenizer), both in float64: every loglikelihood, rolling
 loglikelihood and generate_until answer equal, request for request (contexts longer than max_length included)."""
 
-import csv
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from helpers import checkpoint_with_tokenizer  # noqa: E402
+from helpers import checkpoint_with_tokenizer, lm_eval_hf, mmlu_context, mmlu_rows  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 
 MAX_LENGTH = 48  # short, so that few-shot contexts are truncated from the left
@@ -19,23 +18,14 @@ MMLU = Path(__file__).parent / "fixtures" / "mmlu" / "abstract_algebra_dev.csv"
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from lm_eval.models.huggingface import HFLM
-
     import nanoflant5.harness  # noqa: F401  (registers "nanoflant5")
     from lm_eval.api.registry import get_model
 
     folder = checkpoint_with_tokenizer(tmp_path_factory.mktemp("harness-model"), seed=11)
-    args = dict(pretrained=str(folder), dtype="float64", batch_size=3, max_length=MAX_LENGTH, device="cpu")
-    ours = get_model("nanoflant5")(**args)
-    theirs = HFLM(backend="seq2seq", **args)
-    # lm-eval 0.4.13 calls tie_weights() after loading, and transformers 5 reads FLAN-T5's config.json
-    # ("tie_word_embeddings": false) as tie_word_embeddings=True, scale_decoder_outputs=False: the output layer becomes
-    # the input embedding, which is not the checkpoint's model. The reference gets the checkpoint's output layer back.
-    from transformers import T5ForConditionalGeneration
-
-    assert torch.equal(theirs.model.lm_head.weight, theirs.model.shared.weight)  # (the tie this undoes)
-    head = T5ForConditionalGeneration.from_pretrained(folder, dtype=torch.float64).lm_head.weight.detach().clone()
-    theirs.model.lm_head.weight = torch.nn.Parameter(head)
+    args = dict(dtype="float64", batch_size=3, max_length=MAX_LENGTH, device="cpu")
+    ours = get_model("nanoflant5")(pretrained=str(folder), **args)
+    theirs, tied = lm_eval_hf(folder, **args)  # the reference, with the checkpoint's output layer given back
+    assert tied  # (the tie lm_eval_hf undoes)
     assert not torch.equal(theirs.model.lm_head.weight, theirs.model.shared.weight)
     return ours, theirs
 
@@ -43,16 +33,9 @@ def models(tmp_path_factory):
 def mmlu_requests():
     """MMLU-style prompts (lm-eval's mmlu format: question, lettered choices, "Answer:") with the four letters as
     continuations, zero- and few-shot, and an empty context."""
-    with open(MMLU, newline="") as f:
-        rows = list(csv.DictReader(f))
-    head = "The following are multiple choice questions (with answers) about abstract algebra.\n\n"
-
-    def block(row, answer=True):
-        text = row["question"] + "".join(f"\n{l}. {row[f'choice{i}']}" for i, l in enumerate("ABCD")) + "\nAnswer:"
-        return text + (f" {'ABCD'[int(row['answer'])]}\n\n" if answer else "")
-
-    contexts = [head + block(r, answer=False) for r in rows[:3]]
-    contexts.append(head + "".join(block(r) for r in rows[:2]) + block(rows[2], answer=False))  # 2-shot: truncated
+    rows = mmlu_rows(MMLU)
+    contexts = [mmlu_context("abstract_algebra", [], r) for r in rows[:3]]
+    contexts.append(mmlu_context("abstract_algebra", rows[:2], rows[2]))  # 2-shot: truncated
     requests = [(c, f" {letter}") for c in contexts for letter in "ABCD"]
     requests += [("", "Abstract algebra studies groups."), ("Question: 2 + 2 =", " 4 and not 5")]
     return [Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)]

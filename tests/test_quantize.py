@@ -70,22 +70,13 @@ def test_int8_model_is_transformers_with_the_int8_weights(checkpoint, name):
     ref = copy.deepcopy(ref)
     ours = dict(model.named_modules())
     with torch.no_grad():  # transformers' linears <- our int8 layers' weights (fused ones split back)
-        for i, (hf_block, block) in enumerate(zip(ref.encoder.block, model.encoder.blocks)):
-            hf_attn = hf_block.layer[0].SelfAttention
-            for part, w in zip((hf_attn.q, hf_attn.k, hf_attn.v), block.attn.qkv.dequantized(torch.float64).chunk(3)):
-                part.weight.copy_(w)
-            hf_attn.o.weight.copy_(block.attn.o.dequantized(torch.float64))
+        for hf_block, block in zip(ref.encoder.block, model.encoder.blocks):
+            set_linears(hf_block.layer[0].SelfAttention, "q k v", block.attn.qkv, "o", block.attn.o)
             set_ffn(hf_block.layer[1].DenseReluDense, block.ffn)
         for hf_block, block in zip(ref.decoder.block, model.decoder.blocks):
-            hf_attn = hf_block.layer[0].SelfAttention
-            for part, w in zip((hf_attn.q, hf_attn.k, hf_attn.v), block.attn.qkv.dequantized(torch.float64).chunk(3)):
-                part.weight.copy_(w)
-            hf_attn.o.weight.copy_(block.attn.o.dequantized(torch.float64))
-            hf_cross = hf_block.layer[1].EncDecAttention
-            hf_cross.q.weight.copy_(block.cross.q.dequantized(torch.float64))
-            for part, w in zip((hf_cross.k, hf_cross.v), block.cross.kv.dequantized(torch.float64).chunk(2)):
-                part.weight.copy_(w)
-            hf_cross.o.weight.copy_(block.cross.o.dequantized(torch.float64))
+            set_linears(hf_block.layer[0].SelfAttention, "q k v", block.attn.qkv, "o", block.attn.o)
+            set_linears(hf_block.layer[1].EncDecAttention, "q", block.cross.q, "k v", block.cross.kv, "o",
+                        block.cross.o)
             set_ffn(hf_block.layer[2].DenseReluDense, block.ffn)
         if ref.lm_head.weight is ref.shared.weight:  # tied: give transformers its own output layer
             ref.lm_head.weight = torch.nn.Parameter(ref.shared.weight.detach().clone())
@@ -104,14 +95,16 @@ def test_int8_model_is_transformers_with_the_int8_weights(checkpoint, name):
         assert same >= len(LENGTHS) - 1, kw  # float32 against float64: a near tie may part one row
 
 
+def set_linears(hf_module, *pairs):
+    """hf_module's linears named in each "names" <- the (fused, split back in order) int8 layer after it."""
+    for names, layer in zip(pairs[::2], pairs[1::2]):
+        parts = names.split()
+        for name, w in zip(parts, layer.dequantized(torch.float64).chunk(len(parts))):
+            getattr(hf_module, name).weight.copy_(w)
+
+
 def set_ffn(hf_ffn, ffn):
-    wi = ffn.wi.dequantized(torch.float64)
-    if hasattr(hf_ffn, "wi_0"):
-        hf_ffn.wi_0.weight.copy_(wi.chunk(2)[0])
-        hf_ffn.wi_1.weight.copy_(wi.chunk(2)[1])
-    else:
-        hf_ffn.wi.weight.copy_(wi)
-    hf_ffn.wo.weight.copy_(ffn.wo.dequantized(torch.float64))
+    set_linears(hf_ffn, "wi_0 wi_1" if hasattr(hf_ffn, "wi_0") else "wi", ffn.wi, "wo", ffn.wo)
 
 
 def test_quantize_refuses_what_it_does_not_do(checkpoint):
