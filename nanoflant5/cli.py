@@ -141,6 +141,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     c.add_argument("--show", type=int, default=20, help="print the texts of this many that differ")
     c.add_argument("--output", help="write every comparison as JSONL")
+
+    e = sub.add_parser("eval", help="lm-evaluation-harness tasks (mmlu, gsm8k, ...) on the model (pip install "
+                                    "'nanoflant5[eval]')")
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    e.add_argument("--model", default=DEFAULT_MODEL, help=f"local folder or hub id (default {DEFAULT_MODEL})")
+    e.add_argument("--tasks", required=True, help="lm-eval task or group names, comma-separated (mmlu,gsm8k)")
+    e.add_argument("--num-fewshot", "--num_fewshot", dest="num_fewshot", type=int,
+                   help="examples before each question (default: the task's)")
+    e.add_argument("--limit", type=int, help="the first N questions of each task")
+    e.add_argument("--data", help="read the tasks' rows from this folder instead of the hub: mmlu/{dev,test}/"
+                                  "SUBJECT_{dev,test}.csv (Hendrycks' CSVs), gsm8k/*test*.jsonl (and *train*)")
+    e.add_argument("--output", help="write lm-eval's results JSON here")
+    e.add_argument("--batch-size", dest="batch_size", type=int, default=16)
+    e.add_argument("--max-length", dest="max_length", type=int,
+                   help="longer prompts lose their beginning (default: the tokenizer's, 512 for FLAN-T5)")
+    e.add_argument("--dtype", choices=DTYPES + ("float64",), default="float32")
+    e.add_argument("--quantize", choices=QUANTIZE, help="weight-only int8 linear layers (see generate --help)")
+    e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     return parser
 
 
@@ -321,12 +339,46 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import importlib.util
+
+    from pathlib import Path
+
+    check_at_least_one(args, "limit", "batch_size", "max_length")
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise UsageError(f"--num-fewshot must be >= 0, got {args.num_fewshot}")
+    if args.output and not Path(args.output).resolve().parent.is_dir():  # (before the hours of evaluation)
+        raise UsageError(f"--output {args.output}: no such folder {Path(args.output).parent}")
+    check_quantize(args)
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UsageError("eval runs lm-evaluation-harness: pip install 'nanoflant5[eval]'")
+    from .evaluate import EvalError, evaluate, quiet_lm_eval, report, to_json
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise UsageError("--tasks names no task")
+    quiet_lm_eval()
+    try:
+        results = evaluate(args.model, tasks, data=args.data, num_fewshot=args.num_fewshot, limit=args.limit,
+                           batch_size=args.batch_size, dtype=args.dtype, device=pick_device(args),
+                           max_length=args.max_length, quantize=args.quantize)
+    except EvalError as e:
+        raise UsageError(str(e)) from e
+    print(report(results))
+    if args.output:
+        from .load import write_atomically
+
+        text = to_json(results)
+        write_atomically(args.output, lambda path: path.write_text(text, encoding="utf-8"))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return {"generate": cmd_generate, "train": cmd_train, "serve": cmd_serve,
-                "compare": cmd_compare}[args.command](args)
+                "compare": cmd_compare, "eval": cmd_eval}[args.command](args)
     except UsageError as e:
         if args.debug:
             traceback.print_exc()

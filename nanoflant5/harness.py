@@ -16,8 +16,8 @@ backend=seq2seq answers it (lm_eval/models/huggingface.py), so scores can be com
   encoder input, summed;
 - generate_until(context, gen_kwargs): the context truncated from the left to max_length, decoded greedily (or as
   gen_kwargs say) for up to (the batch's longest context) + max_gen_toks - 1 tokens, as the hf model's max_length
-  allows, then cut at the first stop string. Batches are formed as lm-eval forms them (its Collator), since that
-  limit depends on the batch.
+  allows, ending early where its stopping criteria end it (decode_until), then cut at each stop string in turn.
+  Batches are formed as lm-eval forms them (its Collator), since both depend on the batch.
 """
 
 from __future__ import annotations
@@ -142,8 +142,7 @@ class NanoFlanT5(TemplateLM):
             ids, mask = pad_rows(rows, self.tokenizer.pad_token_id, self.device)
             # the hf model's max_length: the padded contexts' width plus max_gen_toks, the start token included
             settings = generation_settings(kwargs, ids.shape[1] + max_gen_toks - 1)
-            out = self.model.generate(ids, mask, **settings)
-            for row, context in zip(out.tolist(), contexts):
+            for row, context in zip(self.decode_until(ids, mask, settings, until), contexts):
                 text = postprocess_generated_text(generation=self.tok_decode(row), stop=until, think_end_token=None)
                 results.append(text)
                 self.cache_hook.add_partial("generate_until", (context, all_kwargs[0]), text)
@@ -151,6 +150,31 @@ class NanoFlanT5(TemplateLM):
         bar.close()
         return order.get_original(results)
 
+    def decode_until(self, ids, mask, settings: dict, until: list[str]) -> list[list[int]]:
+        """The generated tokens of each row, decoding until lm-eval's hf model would stop (greedy or sampled: one
+        token a step, stream(); beam search decodes to the end). Its stopping criteria (stop_sequences_criteria in
+        lm_eval/models/utils_hf.py) hold one tracker per stop string: string s marks row i done once s shows in the
+        decoded (special tokens kept) last len(tokens of s) + 2 tokens of the row's decoder sequence past its first
+        `input width` positions, and decoding ends once one string has marked every row (or every row has ended,
+        or at the limit). For seq2seq the decoder sequence is the start token and the generated tokens, so a stop
+        string ends decoding only after the input's width of tokens; the text is cut at the stop strings after."""
+        if settings.get("num_beams", 1) > 1:
+            return self.model.generate(ids, mask, **settings).tolist()
+        width, B = ids.shape[1], ids.shape[0]
+        lookback = {s: len(self.tok_encode(s, add_special_tokens=False)) + 2 for s in until}
+        done = {s: [False] * B for s in until}
+        rows = [[self.model.config.decoder_start_token_id] for _ in range(B)]
+        for tokens in self.model.stream(ids, mask, **settings):
+            for row, token in zip(rows, tokens.tolist()):
+                row.append(token)  # (padding once a row has ended, as transformers appends)
+            for s, marks in done.items():
+                for i, row in enumerate(rows):
+                    if not marks[i]:
+                        window = row[width:][-lookback[s]:]
+                        marks[i] = s in self.tok_decode(window, skip_special_tokens=False)
+            if any(all(marks) for marks in done.values()):
+                break
+        return [row[1:] for row in rows]
 
 def generation_settings(kwargs: dict, max_new_tokens: int) -> dict:
     """lm-eval's generation kwargs as generate() arguments: temperature 0 (or none) is greedy decoding."""

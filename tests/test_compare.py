@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,9 +14,8 @@ import torch
 from helpers import checkpoint_with_tokenizer
 from nanoflant5.compare import Comparison, first_difference, generated, read_prompts, report
 
-PROMPTS = ["Translate to German: the house is small.", "What is the capital of France?",
-           "Summarize: pesto is a sauce of basil, garlic, pine nuts and cheese.", "Is 17 prime?",
-           "Write a haiku about the sea.", "List three colours."]
+DOLLY = Path(__file__).parent / "fixtures" / "dolly" / "dolly_6.jsonl"  # real Dolly prompts, as the seed compared
+PROMPTS = [json.loads(line)["prompt"] for line in open(DOLLY)]
 
 
 def test_counts_and_positions_on_a_case_built_to_differ():
@@ -47,9 +47,7 @@ def test_prompt_files(tmp_path):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     folder = checkpoint_with_tokenizer(tmp_path_factory.mktemp("compare-model"), seed=3)
-    data = tmp_path_factory.mktemp("compare-data") / "prompts.jsonl"
-    data.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    return folder, data
+    return folder, DOLLY
 
 
 def run(*args):

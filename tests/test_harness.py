@@ -2,6 +2,7 @@
 the same random-weight checkpoint (FLAN-T5's real tokenizer), both in float64: every loglikelihood, rolling
 loglikelihood and generate_until answer equal, request for request (contexts longer than max_length included)."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from helpers import checkpoint_with_tokenizer, lm_eval_hf, mmlu_context, mmlu_ro
 from lm_eval.api.instance import Instance  # noqa: E402
 
 MAX_LENGTH = 48  # short, so that few-shot contexts are truncated from the left
-MMLU = Path(__file__).parent / "fixtures" / "mmlu" / "abstract_algebra_dev.csv"
+MMLU = Path(__file__).parent / "fixtures" / "mmlu" / "dev" / "abstract_algebra_dev.csv"
+GSM8K = Path(__file__).parent / "fixtures" / "gsm8k" / "gsm8k_test.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +95,36 @@ def test_continuations_of_a_context_share_one_encoder_pass(models, monkeypatch):
     assert len({r.args[0] for r in requests}) == 3
     ours.loglikelihood(requests, disable_tqdm=True)
     assert sum(rows) <= 4 and len(rows) == 2
+
+
+def test_generate_until_on_gsm8k_stops_where_lm_eval_hf_stops(models):
+    """GSM8K's real questions in lm-eval's gsm8k prompt (one shot), with stop strings that decide where the answers
+    end: those answers equal lm-eval's hf model's, which stops decoding as its stopping criteria say (a string
+    seen in every row, past the input's width of tokens) and then cuts at each stop string in turn."""
+    ours, theirs = models
+    rows = [json.loads(line) for line in open(GSM8K)]
+    shot = f"Question: {rows[0]['prompt']}\nAnswer: {rows[0]['answer']}\n\n"
+    contexts = [shot + f"Question: {r['prompt']}\nAnswer:" for r in rows[1:5]]
+
+    def requests(until):
+        return [Instance("generate_until", {}, (c, {"until": until, "max_gen_toks": 40}), i)
+                for i, c in enumerate(contexts)]
+
+    steps = []
+    hook = ours.model.decoder.register_forward_hook(lambda *args: steps.append(1))
+    try:
+        plain = ours.generate_until(requests(["Question:"]), disable_tqdm=True)
+        plain_steps, steps[:] = len(steps), []
+        assert plain == theirs.generate_until(requests(["Question:"]), disable_tqdm=True)
+        # strings from late in each answer (cut in turn, they may overlap), then one that every row shows soon
+        until = [w[3 * len(w) // 4:3 * len(w) // 4 + 3] for w in plain]
+        assert all(len(s) == 3 for s in until), plain
+        for stops in (until, until + ["e"]):
+            steps[:] = []
+            got = ours.generate_until(requests(stops), disable_tqdm=True)
+            assert got == theirs.generate_until(requests(stops), disable_tqdm=True)
+            assert all(len(a) < len(b) for a, b in zip(got, plain))
+    finally:
+        hook.remove()
+    # "e" ended decoding soon after the input's width (MAX_LENGTH: the contexts are truncated), in both batches
+    assert len(steps) <= 2 * (MAX_LENGTH + 5) < plain_steps, (len(steps), plain_steps)
