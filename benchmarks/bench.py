@@ -2,7 +2,7 @@
 
     python benchmarks/bench.py            # flan-t5-small and flan-t5-base architectures, 3 timed repeats
     python benchmarks/bench.py --quick    # small only, 1 repeat
-    python benchmarks/bench.py --modes    # also the low-precision modes (bfloat16, int8) beside CTranslate2 int8
+    python benchmarks/bench.py --modes    # also the low-precision modes (bfloat16, int8, w8a8) beside CTranslate2 int8
     python benchmarks/bench.py --first-call  # also the first call of a fresh process (eager; compiled, cold/warm)
 
 The checkpoints have random weights (tests/helpers.make_checkpoint with the preset's sizes): speed does not depend
@@ -16,9 +16,9 @@ The "mixed b8" row is what a server runs: 32 requests of 16-64 new tokens (force
 continuous-batching engine, 8 rows a step, requests joining as rows free up (so a step's rows sit at different
 positions); transformers and CTranslate2, which have no continuous batching, run them in static batches of 8, each
 decoded to its longest request. tokens/s counts the requested tokens.
-With --modes: nanoflant5 in bfloat16 and with quantize="int8", and CTranslate2's int8 model (int8_float32 on CPU),
-run on the same rows, and each one's agreement with float32 (nanoflant5's, which is transformers') over 64 prompts
-of greedy decoding: the share of rows identical and the mean position of the first differing token among the
+With --modes: nanoflant5 in bfloat16, with quantize="int8" and "w8a8", and CTranslate2's int8 model (int8_float32
+on CPU), run on the same rows, and each one's agreement with float32 (nanoflant5's, which is transformers') over 64
+prompts of greedy decoding: the share of rows identical and the mean position of the first differing token among the
 others. These modes are not token-equal to float32; the random weights make outputs far more sensitive to rounding
 than trained ones, so agreement here is a lower bound, comparable between implementations on the same model.
 Each row also says which kernels nanoflant5's decoding step took (speed.last_path).
@@ -46,7 +46,8 @@ sys.path.insert(0, str(ROOT / "tests"))  # for helpers.make_checkpoint / random_
 
 MODELS = {"small": "flan-t5-small", "base": "flan-t5-base"}
 SETTINGS = [("greedy b1", 1, 1), ("beam4 b1", 1, 4), ("greedy b8", 8, 1), ("beam4 b8", 8, 4), ("greedy b32", 32, 1)]
-MODES = {"nanoflant5 bf16": dict(dtype=torch.bfloat16), "nanoflant5 int8": dict(quantize="int8")}
+MODES = {"nanoflant5 bf16": dict(dtype=torch.bfloat16), "nanoflant5 int8": dict(quantize="int8"),
+         "nanoflant5 w8a8": dict(quantize="w8a8")}
 AGREE_PROMPTS = 64
 MIXED_REQUESTS, MIXED_ROWS = 32, 8  # the mixed-positions row: requests of 16-64 new tokens, 8 rows a step
 IN_LEN, NEW = 64, 64
@@ -382,7 +383,7 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu or cuda (on cuda: no CTranslate2, no peak RSS)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--compile", action="store_true", help="nanoflant5 with generate(compile=True)")
-    p.add_argument("--modes", action="store_true", help="also bfloat16 and int8 (and CTranslate2 int8)")
+    p.add_argument("--modes", action="store_true", help="also bfloat16, int8 and w8a8 (and CTranslate2 int8)")
     p.add_argument("--first-call", action="store_true", help="also the first calls of fresh processes")
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--first-call-child", nargs=2, help=argparse.SUPPRESS)

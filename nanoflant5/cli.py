@@ -11,7 +11,7 @@ import sys
 import traceback
 
 DTYPES = ("float32", "bfloat16", "float16")
-QUANTIZE = ("int8",)  # quantize.MODES (not imported here: the CLI loads torch only when it runs)
+QUANTIZE = ("int8", "w8a8")  # quantize.MODES (not imported here: the CLI loads torch only when it runs)
 DEFAULT_MODEL = "google/flan-t5-base"
 
 
@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="truncate prompts to this many tokens (default: no truncation)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--dtype", choices=DTYPES, default="float32")
-    g.add_argument("--quantize", choices=QUANTIZE, help="weight-only int8 linear layers (CPU; close to float32's "
-                                                         "output, not equal)")
+    g.add_argument("--quantize", choices=QUANTIZE, help="int8 linear layers (CPU; close to float32's output, not "
+                                                         "equal): int8 weight-only, w8a8 with int8 activations too")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decoding step: a slow first batch (9-60 s on CPU), faster later ones "
                         "(default: once the eager decoding has taken as long as compiling takes)")
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=int, default=default, help=text)
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     s.add_argument("--dtype", choices=DTYPES + ("float64",), default="float32")
-    s.add_argument("--quantize", choices=QUANTIZE, help="weight-only int8 linear layers (see generate --help)")
+    s.add_argument("--quantize", choices=QUANTIZE, help="int8 linear layers (see generate --help)")
 
     t = sub.add_parser("train", help="fine-tune on a JSONL or TSV file (torchrun for several processes)")
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", dest="batch_size", type=int, default=16)
     c.add_argument("--limit", type=int, help="the first N prompts")
     c.add_argument("--dtype", choices=DTYPES + ("float64",), default="float32")
-    c.add_argument("--quantize", choices=QUANTIZE, help="nanoflant5's side in weight-only int8")
+    c.add_argument("--quantize", choices=QUANTIZE, help="nanoflant5's side in int8 (see generate --help)")
     c.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     c.add_argument("--show", type=int, default=20, help="print the texts of this many that differ")
     c.add_argument("--output", help="write every comparison as JSONL")
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-length", dest="max_length", type=int,
                    help="longer prompts lose their beginning (default: the tokenizer's, 512 for FLAN-T5)")
     e.add_argument("--dtype", choices=DTYPES + ("float64",), default="float32")
-    e.add_argument("--quantize", choices=QUANTIZE, help="weight-only int8 linear layers (see generate --help)")
+    e.add_argument("--quantize", choices=QUANTIZE, help="int8 linear layers (see generate --help)")
     e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     return parser
 
@@ -292,8 +292,8 @@ def check_at_least_one(args, *names):
 
 def check_quantize(args):
     if args.quantize and args.dtype != "float32":
-        raise UsageError(f"--quantize {args.quantize} keeps activations in float32: it cannot be combined with "
-                         f"--dtype {args.dtype}")
+        raise UsageError(f"--quantize {args.quantize} keeps the model's float parts in float32: it cannot be "
+                         f"combined with --dtype {args.dtype}")
 
 
 def cmd_serve(args) -> int:

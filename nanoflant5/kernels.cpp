@@ -3,13 +3,18 @@
 // - int8_linear(x (..., K), w (N, K), scale (N,)) = x @ (scale[:, None] * w).T for float32 x of any rows and int8 w
 //   (weight-only int8, quantize.py), each weight block read once and multiplied with 4 rows of x at a time;
 // - int8_rows(x (M, K), w (N, K)) = x @ w.T exactly in int32 for int8 x of 1-8 rows and int8 w (the greedy output
-//   layer's int8 screen), where the CPU has AVX-512 VNNI.
+//   layer's int8 screen), where the CPU has AVX-512 VNNI;
+// - w8a8_linear(x (..., K), w (N, K), scale (N,)): x's rows quantized to int8 (each row's own scale), multiplied with
+//   int8 w exactly in int32 by torch's _int_mm (oneDNN: AMX or VNNI), then times both scales (quantize.py's w8a8).
 // Built on first use by nanoflant5/kernels.py (torch.utils.cpp_extension); see there for why and how much.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 #if defined(__AVX512F__)
@@ -157,6 +162,45 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return y;
 }
 
+// Each row of x as int8 q and a scale s (max |x| / 127, 1 for a zero row) with x ~ s q, q = x / s rounded to nearest
+// even; then y = (float(q . w_n) * s) * scale_n. The same arithmetic, step by step, as quantize.w8a8_reference.
+at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat &&
+              x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu(),
+              "w8a8_linear: float32 x, int8 weight and float32 scale on CPU expected");
+  const int64_t K = w.size(1), N = w.size(0);
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && scale.is_contiguous() && scale.numel() == N && x.size(-1) == K,
+              "w8a8_linear: a contiguous (N, K) weight, (N,) scales and x (..., K) expected");
+  at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  std::vector<float> sx(M);
+  const float* xp = x2.data_ptr<float>();
+  int8_t* qp = xq.data_ptr<int8_t>();
+  at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; m++) {
+      const float* row = xp + m * K;
+      float amax = 0.0f;
+      for (int64_t k = 0; k < K; k++) amax = std::max(amax, std::fabs(row[k]));
+      const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+      for (int64_t k = 0; k < K; k++) qp[m * K + k] = int8_t(std::nearbyint(row[k] / s));
+      sx[m] = s;
+    }
+  });
+  const at::Tensor acc = at::_int_mm(xq, w.t());  // (M, N) int32
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; m++)
+      for (int64_t n = 0; n < N; n++) yp[m * N + n] = (float(ap[m * N + n]) * sx[m]) * sp[n];
+  });
+  return y;
+}
+
 #ifdef INT8_ROWS
 // y[r, n:n+nb] for rows r < R of x (R, K) and int8 weight rows n..n+nb of w (N, K), with x given as x + 128 (uint8):
 // VNNI multiplies uint8 by int8 (vpdpbusd: four products added into each int32 lane, exactly), so it computes
@@ -232,6 +276,7 @@ at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& w) {
 TORCH_LIBRARY(nanoflant5_cpu, m) {
   m.def("rows_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+  m.def("w8a8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
 #ifdef INT8_ROWS
   m.def("int8_rows(Tensor x, Tensor weight) -> Tensor");
 #endif
@@ -240,6 +285,7 @@ TORCH_LIBRARY(nanoflant5_cpu, m) {
 TORCH_LIBRARY_IMPL(nanoflant5_cpu, CPU, m) {
   m.impl("rows_linear", &rows_linear);
   m.impl("int8_linear", &int8_linear);
+  m.impl("w8a8_linear", &w8a8_linear);
 #ifdef INT8_ROWS
   m.impl("int8_rows", &int8_rows);
 #endif

@@ -195,12 +195,13 @@ def param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
 
 def load_model(name_or_path, dtype=None, device=None, quantize=None) -> T5:
     """Read config.json and the weights of a T5 checkpoint into a T5 in eval mode (float32 unless dtype is given;
-    quantize="int8": weight-only int8 linear layers, see quantize.py)."""
+    quantize="int8" or "w8a8": int8 linear layers, see quantize.py)."""
     if quantize is not None:  # checked before anything is read
         from .quantize import check_mode
         check_mode(quantize)
         if dtype not in (None, torch.float32):
-            raise ValueError(f"quantize={quantize!r} runs its activations in float32; dtype={dtype} cannot be combined")
+            raise ValueError(f"quantize={quantize!r} keeps the model's float parts in float32; dtype={dtype} cannot be "
+                             f"combined")
     folder = resolve(name_or_path)
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: no config.json (not a model folder?)")

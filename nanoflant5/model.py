@@ -469,7 +469,8 @@ class T5(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path, dtype=None, device=None, quantize=None) -> "T5":
-        """quantize="int8": weight-only int8 linear layers, a low-precision mode (quantize.py)."""
+        """quantize="int8" (weight-only) or "w8a8" (int8 activations too): int8 linear layers, low-precision modes
+        (quantize.py)."""
         from .load import load_model
 
         return load_model(name_or_path, dtype=dtype, device=device, quantize=quantize)

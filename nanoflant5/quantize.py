@@ -1,12 +1,20 @@
-"""Weight-only int8: `T5.from_pretrained(..., quantize="int8")`, `--quantize int8` in the CLI. A low-precision mode,
-labelled as such: its tokens are not those of float32, only close to them (the bench measures how close).
+"""int8 modes, low-precision and labelled as such: their tokens are not those of float32, only close to them (the
+bench measures how close). `T5.from_pretrained(..., quantize=MODE)`, `--quantize MODE` in the CLI.
 
-Every linear layer of both stacks and the output layer keeps its weight as int8 with one float32 scale per output
-channel (symmetric, round to nearest: W ~ s q, s = max|W_row| / 127), a quarter of float32's bytes. Activations,
-norms, attention and the embedding stay float32. Decoding reads each weight once a step, so on CPU a step is about
-as fast as its weights stream from memory: kernels.int8_linear reads the int8 weights and widens them to float32 in
-registers (flan-t5-small's decoder and output layer, 1 row: 1.55 ms a step against 5.5 ms for float32). For more rows
-than a decoding step has (the encoder, training-sized batches) the weight is widened to float32 for one F.linear.
+Both keep every linear layer of both stacks and the output layer as int8 weights with one float32 scale per output
+channel (symmetric, round to nearest: W ~ s q, s = max|W_row| / 127), a quarter of float32's bytes; norms,
+attention, the embedding and the residual stream stay float32.
+
+- "int8", weight-only: activations stay float32. Decoding reads each weight once a step, so on CPU a step is about as
+  fast as its weights stream from memory: kernels.int8_linear reads the int8 weights and widens them to float32 in
+  registers (flan-t5-small's decoder and output layer, 1 row: 1.55 ms a step against 5.5 ms for float32). For more
+  rows than a decoding step has (the encoder, training-sized batches) the weight is widened to float32 for one
+  F.linear. Past ~16 rows the float32 arithmetic, not the memory, sets the speed.
+- "w8a8", weights and activations: each row of a linear layer's input is quantized to int8 too, with its own scale
+  (max |x_row| / 127, round to nearest even), and the product is summed exactly in int32 (kernels.w8a8_linear over
+  torch._int_mm, oneDNN's AMX or VNNI kernels), then scaled: int8 arithmetic at every row count, which pays for
+  batched decoding and the encoder. CTranslate2's "int8" on CPU does the same. A row's result depends on that row
+  only, as in float32.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from torch import nn
 
 from . import kernels
 
-MODES = ("int8",)
+MODES = ("int8", "w8a8")
 KERNEL_ROWS = 64  # rows up to which int8_linear multiplies (measured: faster than float32's packed GEMM up to ~32)
 
 
@@ -47,19 +55,60 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
+class W8A8Linear(Int8Linear):
+    """Int8Linear's weight, times each row of x quantized to int8 on the fly (see the module's docstring)."""
+
+    def forward(self, x):
+        if (x.dtype == torch.float32 and x.device.type == "cpu" and self.scale.dtype == torch.float32
+                and kernels.available() and hasattr(torch.ops.nanoflant5_cpu, "w8a8_linear")
+                and int_mm_exact(self.in_features)):
+            return torch.ops.nanoflant5_cpu.w8a8_linear(x, self.q, self.scale)
+        return w8a8_reference(x, self.q, self.scale)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, w8a8"
+
+
+def quantize_rows(x):
+    """x ~ s q per row: q = x / s rounded to nearest even (int8 range), s = max |x_row| / 127 (1 for a zero row)."""
+    s = x.abs().amax(-1, keepdim=True) / 127
+    s = torch.where(s > 0, s, 1.0)
+    return torch.round(x / s), s
+
+
+def w8a8_reference(x, q, scale):
+    """What kernels.w8a8_linear computes, step by step in torch (the int8 products summed exactly in float64)."""
+    xq, s = quantize_rows(x.float())
+    return ((xq.double() @ q.double().t()).float() * s * scale).to(x.dtype)
+
+
+_EXACT: dict[int, bool] = {}
+
+
+def int_mm_exact(k: int) -> bool:
+    """Whether torch._int_mm sums exactly here for inputs k wide, at the row counts decoding and encoding use (a
+    kernel adding pairs of products in saturating int16 would not): else w8a8 takes w8a8_reference."""
+    if k not in _EXACT:
+        from .speed import int_mm_exact as exact
+
+        _EXACT[k] = all(exact(rows, k, 64) for rows in (1, 4, 32, 512))
+    return _EXACT[k]
+
+
 def check_mode(mode: str):
     if mode not in MODES:
         raise ValueError(f"quantize={mode!r}: expected one of {', '.join(MODES)}")
 
 
 def quantize(model, mode: str):
-    """Replace the model's linear layers (attention, feed-forward, output layer) by int8 ones, in place. The
-    embedding stays as it is (a tied output layer gets its own int8 copy). Returns the model."""
+    """Replace the model's linear layers (attention, feed-forward, output layer) by int8 ones of the mode, in place.
+    The embedding stays as it is (a tied output layer gets its own int8 copy). Returns the model."""
     check_mode(mode)
+    layer = {"int8": Int8Linear, "w8a8": W8A8Linear}[mode]
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:
                 if child.bias is not None:
                     raise ValueError(f"{name}.{child_name}: int8 takes bias-free linear layers")
-                setattr(module, child_name, Int8Linear(child.weight))
+                setattr(module, child_name, layer(child.weight))
     return model

@@ -130,7 +130,7 @@ def compile_key(model: T5, dtype: torch.dtype) -> str:
     """What a compiled step's cost depends on: the architecture, the dtype, int8 layers, torch's version."""
     from dataclasses import asdict
 
-    quantized = any(type(m).__name__ == "Int8Linear" for m in model.modules())
+    quantized = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in ("Int8Linear", "W8A8Linear")})
     return json.dumps([asdict(model.config), str(dtype), quantized, torch.__version__], sort_keys=True, default=str)
 
 
@@ -290,7 +290,7 @@ def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, ke
                                  for linear in (b.attn.qkv, b.attn.o, b.cross.q, b.cross.o, b.ffn.wi, b.ffn.wo)]
     global last_path
     if any(type(linear) is not nn.Linear for linear in linears):  # int8 layers (quantize.py) bring their kernel
-        last_path = "int8 layers"
+        last_path = f"{type(linears[-1]).__name__} layers"
         yield
         return
     dtype = linears[-1].weight.dtype

@@ -59,14 +59,15 @@ def test_generate_prints_what_transformers_generates(model_dir, beam_args, kw):
     assert len(set(want)) > 2  # the prompts give different texts
 
 
-def test_quantized_generate_prints_what_the_python_api_does(model_dir):
-    """--quantize int8: the CLI decodes with the int8 model of T5.from_pretrained(..., quantize="int8")."""
+@pytest.mark.parametrize("mode", ["int8", "w8a8"])
+def test_quantized_generate_prints_what_the_python_api_does(model_dir, mode):
+    """--quantize MODE: the CLI decodes with the model of T5.from_pretrained(..., quantize=MODE)."""
     from nanoflant5 import T5, Tokenizer
 
-    result = run("generate", "--model", str(model_dir), "--max-new-tokens", "12", "--quantize", "int8",
+    result = run("generate", "--model", str(model_dir), "--max-new-tokens", "12", "--quantize", mode,
                  *[a for p in PROMPTS[:3] for a in ("--prompt", p)])
     assert result.returncode == 0, result.stderr
-    model, tok = T5.from_pretrained(model_dir, quantize="int8"), Tokenizer.from_pretrained(model_dir)
+    model, tok = T5.from_pretrained(model_dir, quantize=mode), Tokenizer.from_pretrained(model_dir)
     want = [tok.decode(model.generate(*tok.encode([p]), max_new_tokens=12)[0]) for p in PROMPTS[:3]]
     assert result.stdout.split("\n")[:-1] == want
 
@@ -123,7 +124,8 @@ def test_seed_command_offline_names_the_model(tmp_path):
     (["--do-sample", "--eta-cutoff", "1"], 2, "error: --eta-cutoff must be in [0, 1)"),
     (["--stream", "--num-beams", "2"], 2, "error: --stream works with greedy decoding and sampling"),
     (["--num-beams", "x"], 2, "error: argument --num-beams/--num_beams: invalid int value: 'x'"),
-    (["--quantize", "int8", "--dtype", "bfloat16"], 2, "error: --quantize int8 keeps activations in float32"),
+    (["--quantize", "int8", "--dtype", "bfloat16"], 2,
+     "error: --quantize int8 keeps the model's float parts in float32"),
     (["--quantize", "int4"], 2, "error: argument --quantize: invalid choice: 'int4'"),
 ])
 def test_errors_are_one_line(model_dir, args, status, message):

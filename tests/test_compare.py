@@ -86,7 +86,7 @@ def test_errors_are_one_line(setup, tmp_path):
     for args, message in [(["--data", str(tmp_path / "none.jsonl")], "error: --data "),
                           (["--data", str(data), "--num-beams", "0"], "error: --num-beams must be >= 1"),
                           (["--data", str(data), "--quantize", "int8", "--dtype", "float64"],
-                           "error: --quantize int8 keeps activations in float32")]:
+                           "error: --quantize int8 keeps the model's float parts in float32")]:
         result = run("--model", str(folder), *args)
         assert result.returncode == 2 and result.stderr.startswith(message), result.stderr
         assert result.stderr.count("\n") == 1

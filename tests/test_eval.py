@@ -103,7 +103,7 @@ def test_eval_command_json_equals_simple_evaluate(folder, tmp_path, capsys):
     (["--tasks", "gsm8k", "--num-fewshot", "-1"], "--num-fewshot must be >= 0"),
     (["--tasks", "gsm8k", "--limit", "0"], "--limit must be >= 1"),
     (["--tasks", "gsm8k", "--output", "/nonexistent/r.json"], "--output /nonexistent/r.json: no such folder"),
-    (["--tasks", "gsm8k", "--quantize", "int8", "--dtype", "float64"], "--quantize int8 keeps activations"),
+    (["--tasks", "gsm8k", "--quantize", "int8", "--dtype", "float64"], "--quantize int8 keeps the model's float parts"),
 ])
 def test_eval_misuse_is_one_line(folder, capsys, args, message):
     from nanoflant5.cli import main

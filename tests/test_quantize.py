@@ -1,7 +1,8 @@
-"""The low-precision modes: weight-only int8 (quantize.py, kernels.int8_linear) and bfloat16 on packed GEMMs. They
-are not token-equal to float32 (benchmarks/bench.py --modes measures how close); what is tested here is that each
-computes exactly what it says: int8 = the model with per-channel round-to-nearest weights, against transformers
-given the same weights; the packed bfloat16 GEMMs = plain bfloat16 decoding."""
+"""The low-precision modes: weight-only int8 (quantize.py, kernels.int8_linear), w8a8 (kernels.w8a8_linear) and
+bfloat16 on packed GEMMs. They are not token-equal to float32 (benchmarks/bench.py --modes measures how close); what
+is tested here is that each computes exactly what it says: int8 = the model with per-channel round-to-nearest
+weights, against transformers given the same weights; w8a8 = its step-by-step reference (rows quantized, products
+summed exactly), row for row whatever the batch; the packed bfloat16 GEMMs = plain bfloat16 decoding."""
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ import nanoflant5.speed as S
 from helpers import random_batch
 from nanoflant5 import kernels
 from nanoflant5.load import load_model
-from nanoflant5.quantize import Int8Linear
+from nanoflant5 import quantize
+from nanoflant5.quantize import Int8Linear, W8A8Linear, w8a8_reference
 
 LENGTHS = [7, 3, 12, 5]
 
@@ -39,8 +41,6 @@ def test_int8_linear_is_the_dequantized_product(rows):
 def test_int8_layer_quantizes_per_channel():
     """Int8Linear holds round(W / s) with s = max|W_row| / 127 (an all-zero row stays zero), and its kernel and its
     widened-weight path (more rows than KERNEL_ROWS, other dtypes) agree to rounding."""
-    from nanoflant5 import quantize
-
     w = torch.randn(40, 32) * torch.rand(40, 1)
     w[5] = 0
     layer = Int8Linear(w)
@@ -53,6 +53,59 @@ def test_int8_layer_quantizes_per_channel():
     torch.testing.assert_close(wide, F.linear(x, layer.dequantized()), rtol=0, atol=0)
     torch.testing.assert_close(layer(x[:3]), wide[:3], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(layer(x.double()), F.linear(x.double(), layer.dequantized(torch.float64)))
+
+
+W8A8_KERNEL = kernels.available() and quantize.int_mm_exact(64) and quantize.int_mm_exact(48)
+
+
+@pytest.mark.skipif(not W8A8_KERNEL, reason="no C++ kernel, or torch._int_mm does not sum exactly here")
+@pytest.mark.parametrize("rows", [1, 3, 8, 33, 512])
+def test_w8a8_linear_is_its_reference(rows):
+    """w8a8_linear = w8a8_reference bit for bit: each row quantized with its own scale (a zero row, a row with one
+    large entry), the int8 products summed exactly, both scales applied in the same order; 3-D strided inputs."""
+    gen = torch.Generator().manual_seed(rows)
+    for K, N in [(64, 1), (48, 37), (64, 1153)]:
+        q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen)
+        s = torch.rand(N, generator=gen) / 100
+        x = torch.randn(rows, 1, 2 * K, generator=gen)[..., ::2]  # (rows, 1, K), not contiguous
+        x[0, 0, 0] = 1e3  # one outlier sets the row's scale
+        if rows > 1:
+            x[1] = 0
+        y = torch.ops.nanoflant5_cpu.w8a8_linear(x, q, s)
+        assert y.shape == (rows, 1, N) and torch.equal(y, w8a8_reference(x, q, s)), (K, N)
+        if rows > 1:
+            assert not y[1].any()
+    x = torch.randn(5, 64, generator=gen)  # close to the float product: within the two roundings' error
+    layer = W8A8Linear(torch.randn(40, 64, generator=gen))
+    exact = F.linear(x.double(), layer.dequantized(torch.float64))
+    step = x.abs().amax(-1, keepdim=True).double() / 127 / 2  # half of each row's quantization step
+    assert ((layer(x).double() - exact).abs() <= step * layer.dequantized(torch.float64).abs().sum(1) + 1e-5).all()
+
+
+def test_w8a8_model_decodes_its_reference_whatever_the_batch(checkpoint, monkeypatch):
+    """quantize="w8a8" replaces every linear layer (not the embedding); its logits, greedy and beam rows equal those
+    of the same model computing each layer by w8a8_reference, and a row decodes the same alone as in a padded
+    batch (each row's activations have their own scale)."""
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = load_model(folder, quantize="w8a8")
+    assert all(type(m) is W8A8Linear for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear)))
+    ids, mask = random_batch(96, LENGTHS, seed=11)
+    labels = random_batch(96, [5, 9, 2, 6], seed=12)[0]
+    runs = []
+    for reference in (False, True):
+        if reference:
+            monkeypatch.setattr(W8A8Linear, "forward", lambda self, x: w8a8_reference(x, self.q, self.scale))
+        logits = model(ids, mask, labels=labels)
+        logits = logits[1] if isinstance(logits, tuple) else logits
+        runs.append([logits] + [model.generate(ids, mask, max_new_tokens=12, **kw)
+                                for kw in (dict(), dict(num_beams=3))])
+    if W8A8_KERNEL:
+        torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(runs[0][1], runs[1][1]) and torch.equal(runs[0][2], runs[1][2])
+    for i, n in enumerate(LENGTHS):  # each row alone
+        alone = model.generate(ids[i:i + 1, :n], max_new_tokens=12)[0]
+        assert torch.equal(alone, runs[1][1][i, :len(alone)])
+    assert len({tuple(r.tolist()) for r in runs[1][1]}) >= 3  # the rows differ
 
 
 @pytest.mark.parametrize("name", ["gated-gelu-untied", "relu-tied", "inner-dim"])
@@ -138,13 +191,14 @@ def test_bfloat16_packed_decoding_is_plain_bfloat16(checkpoint, monkeypatch):
         torch.testing.assert_close(scores, plain_scores, rtol=1e-2, atol=1e-2)
 
 
-def test_engine_runs_the_int8_model(checkpoint):
+@pytest.mark.parametrize("mode", ["int8", "w8a8"])
+def test_engine_runs_the_int8_model(checkpoint, mode):
     """Continuous batching (engine.py, behind the server) with an int8 model: each greedy request gets the rows the
     int8 model's generate() gives it alone (mixed positions in one step; float32, so a near tie may part a row)."""
     from nanoflant5.engine import Engine, Request
 
     folder, _ = checkpoint("gated-gelu-untied")
-    model = load_model(folder, quantize="int8")
+    model = load_model(folder, quantize=mode)
     ids, mask = random_batch(96, LENGTHS * 2, seed=14)
     prompts = [row[:int(m.sum())].tolist() for row, m in zip(ids, mask)]
     engine = Engine(model, max_batch_size=3, max_new_tokens=20)
