@@ -171,7 +171,7 @@ class NanoFlanT5(TemplateLM):
                 for i, row in enumerate(rows):
                     if not marks[i]:
                         window = row[width:][-lookback[s]:]
-                        marks[i] = s in self.tok_decode(window, skip_special_tokens=False)
+                        marks[i] = s in (self.tok_decode(window, skip_special_tokens=False) if window else "")
             if any(all(marks) for marks in done.values()):
                 break
         return [row[1:] for row in rows]

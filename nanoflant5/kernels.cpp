@@ -5,7 +5,9 @@
 // - int8_rows(x (M, K), w (N, K)) = x @ w.T exactly in int32 for int8 x of 1-8 rows and int8 w (the greedy output
 //   layer's int8 screen), where the CPU has AVX-512 VNNI;
 // - w8a8_linear(x (..., K), w (N, K), scale (N,)): x's rows quantized to int8 (each row's own scale), multiplied with
-//   int8 w exactly in int32 by torch's _int_mm (oneDNN: AMX or VNNI), then times both scales (quantize.py's w8a8).
+//   int8 w exactly in int32 by torch's _int_mm (oneDNN: AMX or VNNI), then times both scales (quantize.py's w8a8);
+// - rms_norm(x (..., D), w (D,), eps) = w * (x * rsqrt(mean(x^2) + eps)) for float32, T5's layer norm in one call
+//   (torch's rms_norm on CPU is some 20 operator calls).
 // Built on first use by nanoflant5/kernels.py (torch.utils.cpp_extension); see there for why and how much.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -162,6 +164,32 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return y;
 }
 
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.device().is_cpu() &&
+              w.device().is_cpu() && w.dim() == 1 && w.is_contiguous() && x.size(-1) == w.size(0),
+              "rms_norm: float32 x (..., D) and weight (D,) on CPU expected");
+  const int64_t D = w.size(0);
+  at::Tensor x2 = x.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options());
+  const int64_t M = x2.numel() / D;
+  const float* xp = x2.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M, 64, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; m++) {
+      const float* row = xp + m * D;
+      vfloat acc = {};
+      int64_t k = 0;
+      for (; k + L <= D; k += L) { const vfloat v = load(row + k); acc += v * v; }
+      float sum = lanes_sum(acc);
+      for (; k < D; k++) sum += row[k] * row[k];
+      const float r = 1.0f / std::sqrt(sum / float(D) + float(eps));
+      for (k = 0; k < D; k++) yp[m * D + k] = wp[k] * (row[k] * r);
+    }
+  });
+  return y;
+}
+
 // Each row of x as int8 q and a scale s (max |x| / 127, 1 for a zero row) with x ~ s q, q = x / s rounded to nearest
 // even; then y = (float(q . w_n) * s) * scale_n. The same arithmetic, step by step, as quantize.w8a8_reference.
 at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
@@ -277,6 +305,7 @@ TORCH_LIBRARY(nanoflant5_cpu, m) {
   m.def("rows_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("w8a8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
 #ifdef INT8_ROWS
   m.def("int8_rows(Tensor x, Tensor weight) -> Tensor");
 #endif
@@ -286,6 +315,7 @@ TORCH_LIBRARY_IMPL(nanoflant5_cpu, CPU, m) {
   m.impl("rows_linear", &rows_linear);
   m.impl("int8_linear", &int8_linear);
   m.impl("w8a8_linear", &w8a8_linear);
+  m.impl("rms_norm", &rms_norm);
 #ifdef INT8_ROWS
   m.impl("int8_rows", &int8_rows);
 #endif

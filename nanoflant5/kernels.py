@@ -67,6 +67,7 @@ def _build() -> bool:
     for name in ("int8_linear", "w8a8_linear"):
         torch.library.register_fake(f"nanoflant5_cpu::{name}",
                                     lambda x, weight, scale: x.new_empty(*x.shape[:-1], weight.shape[0]))
+    torch.library.register_fake("nanoflant5_cpu::rms_norm", lambda x, weight, eps: torch.empty_like(x))
     if hasattr(torch.ops.nanoflant5_cpu, "int8_rows"):
         torch.library.register_fake("nanoflant5_cpu::int8_rows",
                                     lambda x, weight: x.new_empty(x.shape[0], weight.shape[0], dtype=torch.int32))

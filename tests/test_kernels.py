@@ -1,4 +1,5 @@
-"""nanoflant5's CPU kernel for decoding 1-4 rows (kernels.rows_linear) against torch's linear, and decoding with it."""
+"""nanoflant5's CPU kernels for decoding (kernels.rows_linear, int8_rows, rms_norm) against torch's, and decoding
+with them."""
 
 import os
 import subprocess
@@ -62,9 +63,25 @@ def test_int8_rows_is_exact():
         torch.ops.nanoflant5_cpu.int8_rows(torch.zeros(1, 64), torch.zeros(3, 64, dtype=torch.int8))
 
 
+@pytest.mark.parametrize("rows", [1, 3, 130])
+def test_rms_norm_is_t5s_layer_norm(rows):
+    """rms_norm(x, w, eps) = w * (x * rsqrt(mean(x^2) + eps)) to float32 rounding, for widths that are and are not a
+    multiple of 16, 3-D strided inputs, many rows (split between threads), the same every call."""
+    gen = torch.Generator().manual_seed(rows)
+    for D in (16, 24, 512):
+        w = torch.randn(D, generator=gen)
+        x = (torch.randn(rows, 1, 2 * D, generator=gen) * 5)[..., ::2]
+        y = torch.ops.nanoflant5_cpu.rms_norm(x, w, 1e-6)
+        xd = x.double()
+        want = w.double() * (xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6))
+        assert y.shape == x.shape and y.dtype == torch.float32
+        torch.testing.assert_close(y.double(), want, rtol=4e-6, atol=1e-6)
+        assert torch.equal(torch.ops.nanoflant5_cpu.rms_norm(x, w, 1e-6), y)
+
+
 def test_decoding_with_the_kernel_gives_torchs_rows(checkpoint, monkeypatch):
-    """float32 on CPU, 1-4 rows a step: the decoder's and output layer's linears run rows_linear (fast_linears), and
-    generate gives the rows of decoding with torch's kernels (scores to float32 rounding): greedy (1 and 4 inputs),
+    """float32 on CPU, 1-4 rows a step: the decoder's and output layer's linears run rows_linear (fast_linears), its
+    layer norms rms_norm (fast_norms), and generate gives the rows of decoding with torch's kernels (scores to float32 rounding): greedy (1 and 4 inputs),
     beams (4 beams of 1 input, 2 of 2), compiled and eager. Afterwards the layers are plain nn.Linear again."""
     folder, _ = checkpoint("gated-gelu-untied")
     model = load_model(folder, dtype=torch.float32)
@@ -73,6 +90,9 @@ def test_decoding_with_the_kernel_gives_torchs_rows(checkpoint, monkeypatch):
         assert all(m.forward.func is torch.ops.nanoflant5_cpu.rows_linear for m in step_linears + [model.lm_head])
     with S.fast_linears(model, 3, 15):  # too few steps to be worth a build on first use: torch's kernels
         assert not any("forward" in m.__dict__ for m in model.modules())
+    with S.fast_norms(model):  # the decoder's layer norms
+        assert model.decoder.final_norm.forward.func is torch.ops.nanoflant5_cpu.rms_norm
+        assert all(b.cross_norm.forward.func is torch.ops.nanoflant5_cpu.rms_norm for b in model.decoder.blocks)
     assert not any("forward" in m.__dict__ for m in model.modules())
     ids, mask = random_batch(96, LENGTHS, seed=11)
     for sl, kw in [(slice(0, 1), {}), (slice(0, 4), {}), (slice(0, 1), dict(num_beams=4)),
