@@ -190,45 +190,6 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
-// Each row of x as int8 q and a scale s (max |x| / 127, 1 for a zero row) with x ~ s q, q = x / s rounded to nearest
-// even; then y = (float(q . w_n) * s) * scale_n. The same arithmetic, step by step, as quantize.w8a8_reference.
-at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat &&
-              x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu(),
-              "w8a8_linear: float32 x, int8 weight and float32 scale on CPU expected");
-  const int64_t K = w.size(1), N = w.size(0);
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && scale.is_contiguous() && scale.numel() == N && x.size(-1) == K,
-              "w8a8_linear: a contiguous (N, K) weight, (N,) scales and x (..., K) expected");
-  at::Tensor x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0);
-  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  std::vector<float> sx(M);
-  const float* xp = x2.data_ptr<float>();
-  int8_t* qp = xq.data_ptr<int8_t>();
-  at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; m++) {
-      const float* row = xp + m * K;
-      float amax = 0.0f;
-      for (int64_t k = 0; k < K; k++) amax = std::max(amax, std::fabs(row[k]));
-      const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
-      for (int64_t k = 0; k < K; k++) qp[m * K + k] = int8_t(std::nearbyint(row[k] / s));
-      sx[m] = s;
-    }
-  });
-  const at::Tensor acc = at::_int_mm(xq, w.t());  // (M, N) int32
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  at::Tensor y = at::empty(shape, x.options());
-  const int32_t* ap = acc.data_ptr<int32_t>();
-  const float* sp = scale.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; m++)
-      for (int64_t n = 0; n < N; n++) yp[m * N + n] = (float(ap[m * N + n]) * sx[m]) * sp[n];
-  });
-  return y;
-}
-
 #ifdef INT8_ROWS
 // y[r, n:n+nb] for rows r < R of x (R, K) and int8 weight rows n..n+nb of w (N, K), with x given as x + 128 (uint8):
 // VNNI multiplies uint8 by int8 (vpdpbusd: four products added into each int32 lane, exactly), so it computes
@@ -271,6 +232,19 @@ void rows8(const uint8_t* x, const int8_t* w, int32_t* y, int64_t K, int64_t N) 
   for (int64_t n = N / nb * nb; n < N; n++) block8<R, 1>(x, w, y, K, N, n);
 }
 
+void rows8_of(const uint8_t* xu, const int8_t* w, int32_t* y, int64_t M, int64_t K, int64_t N) {
+  switch (M) {
+    case 1: rows8<1>(xu, w, y, K, N); break;
+    case 2: rows8<2>(xu, w, y, K, N); break;
+    case 3: rows8<3>(xu, w, y, K, N); break;
+    case 4: rows8<4>(xu, w, y, K, N); break;
+    case 5: rows8<5>(xu, w, y, K, N); break;
+    case 6: rows8<6>(xu, w, y, K, N); break;
+    case 7: rows8<7>(xu, w, y, K, N); break;
+    default: rows8<8>(xu, w, y, K, N);
+  }
+}
+
 at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.scalar_type() == at::kChar && w.scalar_type() == at::kChar && x.device().is_cpu() &&
               w.device().is_cpu(), "int8_rows: int8 CPU tensors expected");
@@ -282,22 +256,63 @@ at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& w) {
   std::vector<uint8_t> xu(M * K);  // x + 128
   for (int64_t i = 0; i < M * K; i++) xu[i] = uint8_t(int(xp[i]) + 128);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kInt));
-  const int8_t* wp = w.data_ptr<int8_t>();
-  int32_t* yp = y.data_ptr<int32_t>();
-  switch (M) {
-    case 1: rows8<1>(xu.data(), wp, yp, K, N); break;
-    case 2: rows8<2>(xu.data(), wp, yp, K, N); break;
-    case 3: rows8<3>(xu.data(), wp, yp, K, N); break;
-    case 4: rows8<4>(xu.data(), wp, yp, K, N); break;
-    case 5: rows8<5>(xu.data(), wp, yp, K, N); break;
-    case 6: rows8<6>(xu.data(), wp, yp, K, N); break;
-    case 7: rows8<7>(xu.data(), wp, yp, K, N); break;
-    case 8: rows8<8>(xu.data(), wp, yp, K, N); break;
-    default: TORCH_CHECK(false, "int8_rows: 1-8 rows expected, got ", M);
-  }
+  TORCH_CHECK(M >= 1 && M <= 8, "int8_rows: 1-8 rows expected, got ", M);
+  rows8_of(xu.data(), w.data_ptr<int8_t>(), y.data_ptr<int32_t>(), M, K, N);
   return y;
 }
 #endif
+
+
+// Each row of x as int8 q and a scale s (max |x| / 127, 1 for a zero row) with x ~ s q, q = x / s rounded to nearest
+// even; then y = (float(q . w_n) * s) * scale_n. The same arithmetic, step by step, as quantize.w8a8_reference.
+at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat &&
+              x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu(),
+              "w8a8_linear: float32 x, int8 weight and float32 scale on CPU expected");
+  const int64_t K = w.size(1), N = w.size(0);
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && scale.is_contiguous() && scale.numel() == N && x.size(-1) == K,
+              "w8a8_linear: a contiguous (N, K) weight, (N,) scales and x (..., K) expected");
+  at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
+  std::vector<float> sx(M);
+  const float* xp = x2.data_ptr<float>();
+  int8_t* qp = xq.data_ptr<int8_t>();
+  at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; m++) {
+      const float* row = xp + m * K;
+      float amax = 0.0f;
+      for (int64_t k = 0; k < K; k++) amax = std::max(amax, std::fabs(row[k]));
+      const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
+      for (int64_t k = 0; k < K; k++) qp[m * K + k] = int8_t(std::nearbyint(row[k] / s));
+      sx[m] = s;
+    }
+  });
+  at::Tensor acc;  // (M, N) int32, exact either way
+#ifdef INT8_ROWS
+  if (M <= 8 && K <= 65536) {  // few rows: the weight streamed once (int8_rows), faster than oneDNN's GEMM there
+    std::vector<uint8_t> xu(M * K);  // q + 128
+    for (int64_t i = 0; i < M * K; i++) xu[i] = uint8_t(int(qp[i]) + 128);
+    acc = at::empty({M, N}, x.options().dtype(at::kInt));
+    rows8_of(xu.data(), w.data_ptr<int8_t>(), acc.data_ptr<int32_t>(), M, K, N);
+  } else {
+    acc = at::_int_mm(xq, w.t());
+  }
+#else
+  acc = at::_int_mm(xq, w.t());
+#endif
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  at::Tensor y = at::empty(shape, x.options());
+  const int32_t* ap = acc.data_ptr<int32_t>();
+  const float* sp = scale.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; m++)
+      for (int64_t n = 0; n < N; n++) yp[m * N + n] = (float(ap[m * N + n]) * sx[m]) * sp[n];
+  });
+  return y;
+}
 
 }  // namespace
 
