@@ -204,6 +204,9 @@ def load_model(name_or_path, dtype=None, device=None, quantize=None, adapter=Non
             raise ValueError(f"quantize={quantize!r} runs its activations in float32; dtype={dtype} cannot be combined")
     folder = resolve(name_or_path)
     if not (folder / "config.json").exists():
+        if (folder / "adapter_config.json").exists():
+            raise FileNotFoundError(f"{folder}: a LoRA adapter, not a model: load its base model with adapter={folder}"
+                                    f" (--adapter {folder})")
         raise FileNotFoundError(f"{folder}: no config.json (not a model folder?)")
     config = T5Config.from_json(folder / "config.json")
     dtype = dtype or torch.float32

@@ -64,7 +64,8 @@ def scaling(alpha: float, r: int, rslora: bool) -> float:
 class LoRALinear(nn.Linear):
     """A frozen Linear (the same weight Parameter) plus one (A, B) pair per adapted block of output rows:
     y = W x + [s_i B_i A_i dropout(x)]_i, computed as one matmul with the stacked A's and one with the block-diagonal
-    B's (zero blocks where a fused part has no adapter)."""
+    B's (zero blocks where a fused part has no adapter). The pairs of one fused Linear share its dropout mask (peft
+    draws one per projection: the same distribution for each pair, one random draw instead of two or three)."""
 
     def __init__(self, base: nn.Linear, parts: list[tuple[str, int, int, int, float]], dropout: float):
         """parts: (name, first row, end row, r, scaling) for every block of rows, adapted (r > 0) or not (r = 0)."""

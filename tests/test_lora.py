@@ -255,10 +255,15 @@ def test_unsupported_adapters_fail_in_one_line(adapter, edit, message):
         T5.from_pretrained(folder, adapter=path)
 
 
-def test_cli_adapter_prints_what_the_api_generates(tmp_path, base_dir):
+def strong_adapter(base_dir, folder):
+    """An adapter on base_dir with a random B large enough to change the generated text."""
     model = T5.from_pretrained(base_dir)
     randomize_B(lora.add_adapters(model, ["q", "v", "wi_0", "wo"], r=4, alpha=8), std=2.0)
-    lora.save_adapter(model, tmp_path / "adapter", ["q", "v", "wi_0", "wo"], 4, 8, 0.0, False)
+    return lora.save_adapter(model, folder, ["q", "v", "wi_0", "wo"], 4, 8, 0.0, False)
+
+
+def test_cli_adapter_prints_what_the_api_generates(tmp_path, base_dir):
+    strong_adapter(base_dir, tmp_path / "adapter")
     prompts = ["How do I make pesto sauce?", "Translate to German: The house is wonderful.", "reverse: red cat"]
     r = run("generate", "--model", str(base_dir), "--adapter", str(tmp_path / "adapter"), "--max-new-tokens", "10",
             *[a for p in prompts for a in ("--prompt", p)])
@@ -274,3 +279,26 @@ def test_cli_adapter_prints_what_the_api_generates(tmp_path, base_dir):
     r = run("generate", "--model", str(base_dir), "--adapter", str(tmp_path / "adapter"), "--prompt", "hi")
     assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
     assert "DoRA (use_dora) is not supported" in r.stderr
+    r = run("generate", "--model", str(tmp_path / "adapter"), "--prompt", "hi")  # the adapter as the model
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "a LoRA adapter, not a model" in r.stderr
+
+
+def test_serve_adapter_answers_what_the_api_generates(tmp_path, base_dir):
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from test_serve import Running
+
+    adapter = strong_adapter(base_dir, tmp_path / "adapter")
+    prompt = "Translate to German: The house is wonderful."
+    server = Running(base_dir, "--adapter", str(adapter))  # float64
+    try:
+        r = httpx.post(server.url + "/v1/completions", timeout=60,
+                       json={"model": "t5", "prompt": prompt, "max_tokens": 10, "temperature": 0})
+    finally:
+        server.stop()
+    assert r.status_code == 200, r.text
+    tok = Tokenizer.from_pretrained(base_dir)
+    ids, mask = tok.encode([prompt])
+    api = T5.from_pretrained(base_dir, dtype=torch.float64, adapter=adapter)
+    assert r.json()["choices"][0]["text"] == tok.batch_decode(api.generate(ids, mask, max_new_tokens=10))[0]
