@@ -104,6 +104,14 @@ def test_merged_equals_unmerged(checkpoint):
     torch.testing.assert_close(logits_pair(merged, reference(folder))[0], unmerged, rtol=0, atol=1e-10)
 
 
+def test_dropout_is_dropout():
+    """lora.dropout (a faster mask draw than F.dropout's) drops each element with probability p, scales the rest."""
+    kept = lora.dropout(torch.ones(400_000), 0.3)
+    assert kept.unique().tolist() == [0.0, torch.tensor(1 / 0.7).item()]
+    assert abs((kept == 0).float().mean().item() - 0.3) < 0.003  # 4 standard errors
+    assert lora.dropout(torch.ones(3), 0.0).tolist() == [1.0, 1.0, 1.0]
+
+
 def test_training_matches_peft_in_float64(checkpoint):
     """Five AdamW steps from the same A and B: the same losses as transformers + peft (LoRA on q, v, wi_0, wo)."""
     folder, _ = checkpoint("gated-gelu-untied")
