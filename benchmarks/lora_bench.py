@@ -67,7 +67,7 @@ def child(impl: str, folder: str, steps: int, batch_size: int, targets: str):
             return model(input_ids=ids, attention_mask=mask, labels=labels).loss
     model.train()
     trained = [p for p in model.parameters() if p.requires_grad]
-    train_bench.IN_LEN, train_bench.OUT_LEN = IN_LEN, OUT_LEN
+    train_bench.IN_LEN, train_bench.OUT_LEN = IN_LEN, OUT_LEN  # the lengths train_bench.batches() draws
     times, losses = [], []
     for step, (ids, mask, labels) in enumerate(train_bench.batches(train_bench.WARMUP + steps, batch_size)):
         t0 = time.perf_counter()

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the adapters' update is scaled by alpha / r (default 8)")
     t.add_argument("--lora-dropout", "--lora_dropout", dest="lora_dropout", type=float, default=0.0)
     t.add_argument("--lora-targets", "--lora_targets", dest="lora_targets", default="q,v",
-                   help="projections to adapt: q,k,v,o,wi_0,wi_1,wo (wi in non-gated models) or all-linear (default q,v)")
+                   help="projections to adapt: q,k,v,o,wi_0,wi_1,wo (wi when not gated) or all-linear (default q,v)")
     t.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="constant")
     t.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
     t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",

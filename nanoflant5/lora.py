@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .load import SafetensorsFile, checkpoint_names, write_atomically
+from .load import SafetensorsFile, checkpoint_names, resolve, write_atomically
 
 PROJECTIONS = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")  # transformers' names of T5's linear layers
 PREFIX = "base_model.model."  # peft's prefix for a seq2seq model's keys
@@ -207,9 +207,9 @@ UNSUPPORTED = {"use_dora": "DoRA (use_dora)", "lora_bias": "LoRA bias vectors (l
 
 
 def read_adapter(folder, config) -> dict[str, tuple[int, int, int, torch.Tensor]]:
-    """A peft LoRA adapter folder, checked against the model's config: our weight's name -> [(first row, end row, the
-    update s B A of those rows, in float64)]. load.load_model adds them to the weights as it reads them."""
-    folder = Path(folder)
+    """A peft LoRA adapter (folder or hub id), checked against the model's config: our weight's name -> [(first row,
+    end row, the update s B A of those rows, in float64)]. load.load_model adds them to the weights as it reads them."""
+    folder = resolve(folder, ["adapter_config.json", "adapter_model.safetensors"])  # a local folder or a hub id
     if not (folder / "adapter_config.json").exists():
         raise AdapterError(f"{folder}: no adapter_config.json (not a peft adapter folder?)")
     settings = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))

@@ -4,13 +4,12 @@ under torchrun, learns the toy task and leaves the base checkpoint untouched; un
 
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import checkpoint_with_tokenizer, make_checkpoint, random_batch, random_labels, reference
+from helpers import checkpoint_with_tokenizer, random_batch, random_labels, reference
 from nanoflant5 import T5, Tokenizer, lora
 from nanoflant5.train import TrainArgs, loss_sum, make_optimizer
 from test_cli import run
@@ -200,7 +199,7 @@ def test_two_processes_equal_one(tmp_path, base_dir):
     torchrun(*args, "--output", tmp_path / "two", "--batch-size", "4")
     from safetensors.torch import load_file
 
-    a, b = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
+    a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("one", "two"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-5, msg=k)
     r = run_train(*args, "--output", tmp_path / "fsdp", "--fsdp", check=False)
