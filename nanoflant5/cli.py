@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--model", help=f"local folder or hub id (default {DEFAULT_MODEL})")
     which.add_argument("--model-size", "--model_size", dest="model_size",
                        choices=("small", "base", "large", "xl", "xxl"), help="google/flan-t5-SIZE")
+    g.add_argument("--adapter", help="a LoRA adapter folder (peft's layout, e.g. from train --lora-r), merged into "
+                                     "the model's weights")
     g.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     g.add_argument("--input-file", "--input_file", dest="input_file", help="a file with one prompt per line")
     # Generation settings: unset ones come from the checkpoint's generation_config.json, then transformers' defaults.
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "'nanoflant5[serve]')")
     s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     s.add_argument("--model", default=DEFAULT_MODEL, help=f"local folder or hub id (default {DEFAULT_MODEL})")
+    s.add_argument("--adapter", help="a LoRA adapter folder (peft's layout), merged into the model's weights")
     s.add_argument("--served-model-name", dest="served_model_name", help="the name clients use (default: --model)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
@@ -115,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
             ("tokenizer", str, None, "tokenizer folder or hub id (default: the model's)")]:
         t.add_argument(f"--{flag}", f"--{flag.replace('-', '_')}", dest=flag.replace("-", "_"), type=kind,
                        default=default, help=text)
+    t.add_argument("--lora-r", "--lora_r", dest="lora_r", type=int, default=0,
+                   help="train LoRA adapters of this rank on the frozen model (default 0: full fine-tuning)")
+    t.add_argument("--lora-alpha", "--lora_alpha", dest="lora_alpha", type=float, default=8.0,
+                   help="the adapters' update is scaled by alpha / r (default 8)")
+    t.add_argument("--lora-dropout", "--lora_dropout", dest="lora_dropout", type=float, default=0.0)
+    t.add_argument("--lora-targets", "--lora_targets", dest="lora_targets", default="q,v",
+                   help="projections to adapt: q,k,v,o,wi_0,wi_1,wo (wi when not gated) or all-linear (default q,v)")
     t.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="constant")
     t.add_argument("--optimizer", choices=("adamw", "adafactor"), default="adamw")
     t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -123,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("resume", "continue from the newest checkpoint in --output"),
                        ("overwrite", "replace an existing --output folder"),
                        ("from-scratch", "random weights for the model's config.json"),
-                       ("fsdp", "shard the model over processes (FSDP2) instead of replicating it (DDP)")]:
+                       ("fsdp", "shard the model over processes (FSDP2) instead of replicating it (DDP)"),
+                       ("lora-rslora", "rank-stabilised LoRA: scale by alpha / sqrt(r)"),
+                       ("merge", "LoRA: also write the merged model to OUTPUT/merged")]:
         t.add_argument(f"--{flag}", f"--{flag.replace('-', '_')}", dest=flag.replace("-", "_"), action="store_true",
                        help=text)
 
@@ -222,7 +234,8 @@ def cmd_generate(args) -> int:
 
     device = pick_device(args)
     model_name = f"google/flan-t5-{args.model_size}" if args.model_size else (args.model or DEFAULT_MODEL)
-    model = T5.from_pretrained(model_name, dtype=getattr(torch, args.dtype), device=device, quantize=args.quantize)
+    model = T5.from_pretrained(model_name, dtype=getattr(torch, args.dtype), device=device, quantize=args.quantize,
+                               adapter=args.adapter)
     tokenizer = Tokenizer.from_pretrained(model_name)
     settings = vars(generation_settings(args, model.generation_config))
     rng = None if args.seed is None else torch.Generator(device).manual_seed(args.seed)
@@ -310,7 +323,8 @@ def cmd_serve(args) -> int:
 
     device = pick_device(args)
     return serve(args.model, args.host, args.port, args.max_batch_size, args.max_queue, args.max_input_length,
-                 args.max_new_tokens, getattr(torch, args.dtype), device, args.served_model_name, args.quantize)
+                 args.max_new_tokens, getattr(torch, args.dtype), device, args.served_model_name, args.quantize,
+                 args.adapter)
 
 
 def cmd_compare(args) -> int:

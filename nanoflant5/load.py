@@ -193,9 +193,10 @@ def param_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 and name.endswith("ffn.wo.weight") else dtype
 
 
-def load_model(name_or_path, dtype=None, device=None, quantize=None) -> T5:
+def load_model(name_or_path, dtype=None, device=None, quantize=None, adapter=None) -> T5:
     """Read config.json and the weights of a T5 checkpoint into a T5 in eval mode (float32 unless dtype is given;
-    quantize="int8" or "w8a8": int8 linear layers, see quantize.py)."""
+    quantize="int8" or "w8a8": int8 linear layers, see quantize.py; adapter: a peft LoRA adapter folder, merged into
+    the weights as they are read, see lora.py)."""
     if quantize is not None:  # checked before anything is read
         from .quantize import check_mode
         check_mode(quantize)
@@ -204,10 +205,17 @@ def load_model(name_or_path, dtype=None, device=None, quantize=None) -> T5:
                              f"combined")
     folder = resolve(name_or_path)
     if not (folder / "config.json").exists():
+        if (folder / "adapter_config.json").exists():
+            raise FileNotFoundError(f"{folder}: a LoRA adapter, not a model: load its base model with adapter={folder}"
+                                    f" (--adapter {folder})")
         raise FileNotFoundError(f"{folder}: no config.json (not a model folder?)")
     config = T5Config.from_json(folder / "config.json")
     dtype = dtype or torch.float32
     device = torch.device(device or "cpu")
+    updates = {}
+    if adapter is not None:  # checked before the weights are read
+        from .lora import read_adapter
+        updates = read_adapter(adapter, config)
     files = open_checkpoint(folder)
 
     names = checkpoint_names(config)
@@ -236,9 +244,12 @@ def load_model(name_or_path, dtype=None, device=None, quantize=None) -> T5:
             bad.extend(f"{p} {list(s)} (expected {list(part_shape)})" for p, s in zip(parts, shapes) if s != part_shape)
             continue
         tensor = torch.empty(expected, dtype=param_dtype(ours, dtype), device=device)
+        whole = tensor if ours not in updates else torch.empty(expected, dtype=torch.float64)  # W + s B A in float64
         for i, p in enumerate(parts):  # fused projections: each part fills its own rows
-            files[p].read_into(p, tensor[i * part_shape[0]:(i + 1) * part_shape[0]])
-        state[ours] = tensor
+            files[p].read_into(p, whole[i * part_shape[0]:(i + 1) * part_shape[0]])
+        for start, end, update in updates.get(ours, []):
+            whole[start:end] += update
+        state[ours] = tensor.copy_(whole) if whole is not tensor else tensor
     if bad:
         raise ValueError(f"{folder}: tensors with the wrong shape for config.json: {', '.join(bad[:8])}"
                          f"{' ...' if len(bad) > 8 else ''}")

@@ -468,9 +468,9 @@ class T5(nn.Module):
         return stream(self, input_ids, attention_mask, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, name_or_path, dtype=None, device=None, quantize=None) -> "T5":
+    def from_pretrained(cls, name_or_path, dtype=None, device=None, quantize=None, adapter=None) -> "T5":
         """quantize="int8" (weight-only) or "w8a8" (int8 activations too): int8 linear layers, low-precision modes
-        (quantize.py)."""
+        (quantize.py); adapter: a peft LoRA adapter folder, merged into the weights (lora.py)."""
         from .load import load_model
 
-        return load_model(name_or_path, dtype=dtype, device=device, quantize=quantize)
+        return load_model(name_or_path, dtype=dtype, device=device, quantize=quantize, adapter=adapter)

@@ -1,6 +1,7 @@
 """Fine-tuning: one readable training loop, in the spirit of nanoGPT's train.py.
 
     nanoflant5 train --model google/flan-t5-base --data train.jsonl --output runs/mine --max-steps 1000
+    nanoflant5 train ... --lora-r 16 --lora-alpha 32 --lora-targets q,v     # LoRA adapters, in peft's layout
     torchrun --nproc_per_node=4 -m nanoflant5 train ...          # data-parallel (DDP; --fsdp shards the model)
 
 Data: JSONL with input/target fields (or Dolly's instruction/context/response, or prompt/answer), or TSV (input,
@@ -8,7 +9,8 @@ target). The global batch is batch_size x processes x grad_accum examples; the l
 all target tokens of the global batch (transformers' loss for one batch), so the number of processes does not
 change the result. Checkpoints are written atomically and hold everything needed to resume exactly: model,
 optimizer, schedule, random states; the data order is a function of the seed and the step. The final model is
-exported in the Hugging Face layout.
+exported in the Hugging Face layout; with LoRA (lora.py) the base is frozen, checkpoints hold the adapters and the
+optimizer, and the adapters are exported in peft's layout (--merge: also the merged model, in DIR/merged).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import lora
+from .config import T5Config
 from .load import resolve, save_pretrained, write_atomically
 from .model import T5
 from .tokenizer import TOKENIZER_FILES, Tokenizer
@@ -65,6 +69,12 @@ class TrainArgs:
     tokenizer: str | None = None  # default: the model's own
     fsdp: bool = False
     keep_checkpoints: int = 2
+    lora_r: int = 0  # LoRA rank; 0: full fine-tuning
+    lora_alpha: float = 8.0  # the update is scaled by alpha / r (peft's defaults: r 8, alpha 8, targets q,v)
+    lora_dropout: float = 0.0
+    lora_targets: str = "q,v"  # transformers' projection names (q,k,v,o,wi_0,wi_1,wo; wi) or all-linear
+    lora_rslora: bool = False  # scale by alpha / sqrt(r)
+    merge: bool = False  # LoRA: also export the merged model to DIR/merged
 
 
 class DataError(ValueError):
@@ -225,6 +235,8 @@ def train(args: TrainArgs) -> int:
     check_args(args, out)
 
     # Everything that can fail on bad input happens before any process group or training starts.
+    if args.lora_r:
+        lora.parse_targets(args.lora_targets, T5Config.from_json(resolve(args.model, ["config.json"]) / "config.json"))
     tokenizer = Tokenizer.from_pretrained(args.tokenizer or args.model)
     data = tokenize(read_examples(args.data, args.input_field, args.target_field), tokenizer,
                     args.max_input_length, args.max_target_length)
@@ -256,6 +268,13 @@ def check_args(args: TrainArgs, out: Path):
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if args.max_steps is not None and args.max_steps < 1:
         raise ValueError("--max-steps must be >= 1")
+    if args.lora_r < 0 or not 0 <= args.lora_dropout < 1:
+        raise ValueError("--lora-r must be >= 1 (or 0: no LoRA) and --lora-dropout in [0, 1)")
+    if args.lora_r and args.fsdp:
+        raise ValueError("--fsdp shards full fine-tuning; LoRA trains small adapters on a frozen model: drop --fsdp "
+                         "(torchrun replicates it with DDP)")
+    if args.merge and not args.lora_r:
+        raise ValueError("--merge merges LoRA adapters: it needs --lora-r")
     if out.exists() and any(out.iterdir()) and not (args.resume or args.overwrite):
         raise FileExistsError(f"{out} exists and is not empty: pass --resume to continue its run, or --overwrite "
                               "to replace it")
@@ -267,12 +286,13 @@ def _train(args, out, rank, world, device, tokenizer, data, eval_data) -> int:
     total = args.max_steps or max(1, math.ceil((args.epochs or 1.0) * len(data) / G))
     torch.manual_seed(args.seed)
     if args.from_scratch:
-        from .config import T5Config
-
         model = T5(T5Config.from_json(resolve(args.model, ["config.json"]) / "config.json")).init_weights()
     else:
         model = T5.from_pretrained(args.model)
     model = model.to(device).train()
+    if args.lora_r:  # the same random A's in every process (seeded alike)
+        lora.add_adapters(model, lora.parse_targets(args.lora_targets, model.config), args.lora_r, args.lora_alpha,
+                          args.lora_dropout, args.lora_rslora)
     torch.manual_seed(args.seed + rank)  # dropout differs between ranks, as it would within one big batch
     if args.dropout is not None:
         model.set_dropout(args.dropout)
@@ -294,7 +314,8 @@ def _train(args, out, rank, world, device, tokenizer, data, eval_data) -> int:
 
     step = 0
     if args.resume and checkpoints(out):
-        step = load_checkpoint(checkpoints(out)[-1], model, optimizer, scheduler, rank, args.fsdp and world > 1)
+        step = load_checkpoint(checkpoints(out)[-1], model, optimizer, scheduler, rank, args.fsdp and world > 1,
+                               bool(args.lora_r))
         if main:
             print(f"resumed from {checkpoints(out)[-1]} at step {step}", file=sys.stderr)
     elif main:
@@ -396,6 +417,8 @@ def full_state(model, optimizer, sharded: bool):
 def save_checkpoint(out: Path, step, model, optimizer, scheduler, args, rank, world):
     sharded = args.fsdp and world > 1
     model_state, optim_state = full_state(model, optimizer, sharded)  # collective under FSDP
+    if args.lora_r:  # the adapters: the base is --model's, unchanged
+        model_state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     rng = torch.get_rng_state()
     rngs = [None] * world
     if world > 1:
@@ -413,7 +436,7 @@ def save_checkpoint(out: Path, step, model, optimizer, scheduler, args, rank, wo
         dist.barrier()
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int, sharded: bool) -> int:
+def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int, sharded: bool, adapters: bool = False) -> int:
     state = torch.load(path, map_location="cpu", weights_only=False)
     for saved, group in zip(state["optimizer"]["param_groups"], optimizer.param_groups):
         saved.update({k: group[k] for k in ("fused", "foreach") if k in group})  # this run's kernel choice
@@ -423,7 +446,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int, sharded:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=StateDictOptions(full_state_dict=True))
     else:
-        model.load_state_dict(state["model"])
+        if adapters and set(state["model"]) != {n for n, p in model.named_parameters() if p.requires_grad}:
+            raise ValueError(f"{path}: its LoRA adapters do not match this run's --lora-* settings")
+        model.load_state_dict(state["model"], strict=not adapters)
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"][rank])
@@ -431,7 +456,8 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, rank: int, sharded:
 
 
 def export(model: T5, optimizer, out: Path, args: TrainArgs, tokenizer: Tokenizer, rank: int, world: int):
-    """The final model in DIR, in the Hugging Face layout, with the tokenizer files next to it (rank 0 writes)."""
+    """The final model in DIR, in the Hugging Face layout (LoRA: the adapters in peft's layout, and with --merge the
+    merged model in DIR/merged), with the tokenizer files next to it (rank 0 writes)."""
     if args.fsdp and world > 1:  # gather the shards into a plain model on rank 0
         state = full_state(model, optimizer, sharded=True)[0]
         if rank == 0:
@@ -442,10 +468,18 @@ def export(model: T5, optimizer, out: Path, args: TrainArgs, tokenizer: Tokenize
             model = plain
     if rank == 0:
         model.eval()
-        save_pretrained(model, out)
+        folders = [out]
+        if args.lora_r:
+            lora.save_adapter(model, out, lora.parse_targets(args.lora_targets, model.config), args.lora_r,
+                              args.lora_alpha, args.lora_dropout, args.lora_rslora, str(args.model))
+            if args.merge:
+                folders.append(save_pretrained(lora.merge(model), out / "merged"))
+        else:
+            save_pretrained(model, out)
         source = resolve(args.tokenizer or args.model, TOKENIZER_FILES)
         for name in TOKENIZER_FILES:
-            if (source / name).exists():
-                shutil.copy(source / name, out / name)
+            for folder in folders:
+                if (source / name).exists():
+                    shutil.copy(source / name, folder / name)
     if world > 1:
         dist.barrier()
