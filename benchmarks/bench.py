@@ -435,19 +435,21 @@ def main():
     if args.modes:
         print("\nLow-precision modes (not token-equal to float32), tok/s and the ratio to CTranslate2 int8 "
               "(int8_float32) in the same rounds:\n")
-        names = [m for m in list(MODES) + ["ctranslate2 int8"]]
-        print("| model | setting | " + " | ".join(f"{m} tok/s" for m in names) + " | bf16 / ct2 int8 | int8 / ct2 int8 "
-              "| kernels (bf16; int8) |")
-        print("|---|---|" + "---:|" * (len(names) + 2) + "---|")
+        names = list(MODES) + ["ctranslate2 int8"]
+        short = [m.removeprefix("nanoflant5 ") for m in MODES]  # bf16, int8, w8a8
+        print("| model | setting | " + " | ".join(f"{m} tok/s" for m in names) + " | "
+              + " | ".join(f"{m} / ct2 int8" for m in short) + " | kernels (" + "; ".join(short) + ") |")
+        print("|---|---|" + "---:|" * (len(names) + len(short)) + "---|")
         for name, label, tps, equal, paths in rows:
-            if "nanoflant5 int8" in tps and "encoder" not in label:
-                print(f"| {name} | {label} | " + " | ".join(fmt(tps, m) for m in names)
-                      + f" | {ratio(tps, 'nanoflant5 bf16', 'ctranslate2 int8')} | "
-                        f"{ratio(tps, 'nanoflant5 int8', 'ctranslate2 int8')} | "
-                        f"{paths.get('nanoflant5 bf16', '')}; {paths.get('nanoflant5 int8', '')} |")
-            elif "nanoflant5 int8" in tps:
-                print(f"| {name} | {label} | " + " | ".join(fmt(tps, m) for m in names) + " | — | — | "
-                      f"(transformers fp32 {fmt(tps, 'transformers')}) |")
+            if "nanoflant5 int8" not in tps:
+                continue
+            if "encoder" in label:
+                print(f"| {name} | {label} | " + " | ".join(fmt(tps, m) for m in names) + " | —" * len(short)
+                      + f" | (transformers fp32 {fmt(tps, 'transformers')}) |")
+            else:
+                print(f"| {name} | {label} | " + " | ".join(fmt(tps, m) for m in names) + " | "
+                      + " | ".join(ratio(tps, m, "ctranslate2 int8") for m in MODES) + " | "
+                      + "; ".join(paths.get(m, "") for m in MODES) + " |")
         print(f"\nAgreement with float32, greedy, {AGREE_PROMPTS} prompts of {IN_LEN} tokens, {NEW} new tokens: rows "
               "identical, and the mean position of the first differing token in the others:\n")
         print("| model | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
