@@ -6,6 +6,8 @@ from the hub, or with data=DIR from local files:
                                                            answer with the answer's index 0-3)
     DIR/gsm8k/*train*.jsonl, *test*.jsonl                  GSM8K: {"question" (or "prompt"), "answer"} a line
 
+(Without the mmlu/ or gsm8k/ level, DIR itself is read: Hendrycks' data/ folder, GSM8K's grade_school_math/data.)
+
 Only where the rows come from changes (LocalTask): prompts, few-shot rules, filters and scoring are lm-eval's own
 task configs, so the results are what `lm_eval --model nanoflant5 --tasks ...` reports for the same rows. GSM8K's
 few-shot examples come from its train split; without a local train file they come from the test split, the question
@@ -43,17 +45,21 @@ class LocalTask(ConfigurableTask):
     def __init__(self, config: dict):
         config = {k: v for k, v in config.items() if k != "class"}  # (how TaskManager builds it: see local_tasks)
         self.folder = Path(config["metadata"]["local_data"])
-        if config.get("dataset_path") == "openai/gsm8k" and "train" not in gsm8k_files(self.folder / "gsm8k"):
+        if config.get("dataset_path") == "openai/gsm8k" and "train" not in gsm8k_files(self.data("gsm8k")):
             config["fewshot_split"] = config["test_split"]  # lm-eval then leaves the question asked out
             config["training_split"] = None
         super().__init__(config=config)
 
+    def data(self, name: str) -> Path:
+        """DIR/name, or DIR itself when it has no such folder."""
+        return self.folder / name if (self.folder / name).is_dir() else self.folder
+
     def download(self, dataset_kwargs=None, **kwargs):
         path, name = self.config.dataset_path, self.config.dataset_name
         if path == "cais/mmlu":
-            self.dataset = datasets.DatasetDict(read_mmlu(self.folder / "mmlu", name))
+            self.dataset = datasets.DatasetDict(read_mmlu(self.data("mmlu"), name))
         elif path == "openai/gsm8k":
-            self.dataset = datasets.DatasetDict(read_gsm8k(self.folder / "gsm8k"))
+            self.dataset = datasets.DatasetDict(read_gsm8k(self.data("gsm8k")))
         else:
             raise EvalError(f"--data reads MMLU (cais/mmlu) and GSM8K (openai/gsm8k) tasks; {self.config.task} reads "
                             f"{path}")

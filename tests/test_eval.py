@@ -31,7 +31,7 @@ def requests_of(name: str, data, num_fewshot: int, limit: int):
 
 def test_local_mmlu_is_lm_eval_mmlu_prompt_on_the_csv_rows(tmp_path):
     """The local task's requests are lm-eval's MMLU prompt (first-n dev rows as shots) on the CSV's questions, and
-    Hendrycks' own format (no header, answer letters) reads the same."""
+    Hendrycks' own data/ folder (no mmlu/ level; no header, answer letters) reads the same."""
     dev, test = (mmlu_rows(FIXTURES / "mmlu" / s / f"{SUBJECT}_{s}.csv") for s in ("dev", "test"))
     _, requests = requests_of(f"mmlu_{SUBJECT}", FIXTURES, 2, 4)
     contexts = sorted({r.args[0] for r in requests}, key=[r.args[0] for r in requests].index)
@@ -39,8 +39,8 @@ def test_local_mmlu_is_lm_eval_mmlu_prompt_on_the_csv_rows(tmp_path):
     assert [r.args[1] for r in requests] == [" A", " B", " C", " D"] * 4
 
     for split, rows in (("dev", dev), ("test", test)):  # Hendrycks' CSVs: no header, the answer's letter
-        (tmp_path / "mmlu" / split).mkdir(parents=True)
-        with open(tmp_path / "mmlu" / split / f"{SUBJECT}_{split}.csv", "w", newline="") as f:
+        (tmp_path / split).mkdir(parents=True)
+        with open(tmp_path / split / f"{SUBJECT}_{split}.csv", "w", newline="") as f:
             csv.writer(f).writerows([[r["question"]] + [r[f"choice{i}"] for i in range(4)]
                                      + ["ABCD"[int(r["answer"])]] for r in rows])
     _, again = requests_of(f"mmlu_{SUBJECT}", tmp_path, 2, 4)
