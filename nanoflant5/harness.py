@@ -176,6 +176,7 @@ class NanoFlanT5(TemplateLM):
                 break
         return [row[1:] for row in rows]
 
+
 def generation_settings(kwargs: dict, max_new_tokens: int) -> dict:
     """lm-eval's generation kwargs as generate() arguments: temperature 0 (or none) is greedy decoding."""
     kwargs = dict(kwargs)

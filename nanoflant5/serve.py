@@ -609,8 +609,8 @@ def create_app(server: Server) -> FastAPI:
 def serve(model_name: str, host: str = "127.0.0.1", port: int = 8000, max_batch_size: int = 32,
           max_queue: int = 128, max_input_length: int = 512, max_new_tokens: int = 512, dtype=torch.float32,
           device: str = "cpu", served_name: str | None = None, quantize: str | None = None, adapter=None) -> int:
-    """Load the model (quantize, adapter: see T5.from_pretrained) and serve it until SIGTERM/SIGINT, which stop new requests
-    (503), finish those in flight, and return 0."""
+    """Load the model (quantize, adapter: see T5.from_pretrained) and serve it until SIGTERM/SIGINT, which stop new
+    requests (503), finish those in flight, and return 0."""
     import uvicorn
 
     from .model import T5
