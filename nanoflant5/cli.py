@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "'nanoflant5[eval]')")
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     e.add_argument("--model", default=DEFAULT_MODEL, help=f"local folder or hub id (default {DEFAULT_MODEL})")
+    e.add_argument("--adapter", help="a LoRA adapter folder (peft's layout), merged into the model's weights")
     e.add_argument("--tasks", required=True, help="lm-eval task or group names, comma-separated (mmlu,gsm8k)")
     e.add_argument("--num-fewshot", "--num_fewshot", dest="num_fewshot", type=int,
                    help="examples before each question (default: the task's)")
@@ -375,7 +376,7 @@ def cmd_eval(args) -> int:
     try:
         results = evaluate(args.model, tasks, data=args.data, num_fewshot=args.num_fewshot, limit=args.limit,
                            batch_size=args.batch_size, dtype=args.dtype, device=pick_device(args),
-                           max_length=args.max_length, quantize=args.quantize)
+                           max_length=args.max_length, quantize=args.quantize, adapter=args.adapter)
     except EvalError as e:
         raise UsageError(str(e)) from e
     print(report(results))

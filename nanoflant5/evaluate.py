@@ -128,7 +128,7 @@ def local_tasks(names: list[str], data) -> tuple[list, TaskManager]:
 
 def evaluate(model: str, tasks: list[str], *, data=None, num_fewshot: int | None = None, limit: int | None = None,
              batch_size: int = 16, dtype: str = "float32", device: str = "cpu", max_length: int | None = None,
-             quantize: str | None = None) -> dict:
+             quantize: str | None = None, adapter=None) -> dict:
     """lm_eval.simple_evaluate's results for the nanoflant5 model on these tasks (see the module's docstring)."""
     built, manager = local_tasks(tasks, data)
     args = dict(pretrained=str(model), dtype=dtype)
@@ -136,6 +136,8 @@ def evaluate(model: str, tasks: list[str], *, data=None, num_fewshot: int | None
         args["max_length"] = max_length
     if quantize:
         args["quantize"] = quantize
+    if adapter:
+        args["peft"] = str(adapter)  # (lm-eval's hf model's name for it)
     return simple_evaluate(model="nanoflant5", model_args=args, tasks=built, task_manager=manager,
                            num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device)
 

@@ -5,8 +5,9 @@ registers it:
     lm_eval.simple_evaluate(model="nanoflant5", model_args="pretrained=google/flan-t5-large,dtype=float32,"
                             "batch_size=16,max_length=512,device=cpu", tasks=["mmlu"], num_fewshot=5)
 
-Arguments as lm-eval's `hf` model names them. Every request is answered as lm-eval's `hf` model with
-backend=seq2seq answers it (lm_eval/models/huggingface.py), so scores can be compared one to one:
+Arguments as lm-eval's `hf` model names them (peft=DIR: a LoRA adapter, merged into the weights; see lora.py).
+Every request is answered as lm-eval's `hf` model with backend=seq2seq answers it (lm_eval/models/huggingface.py),
+so scores can be compared one to one:
 - loglikelihood(context, continuation): the context's tokens (ending in </s>) go to the encoder, truncated from the
   left to max_length; the continuation's tokens (without </s>) are the decoder's labels; the answer is the sum of
   their log-probabilities (float32, or the model's dtype if wider) and whether each is the argmax. Requests are
@@ -50,12 +51,12 @@ class NanoFlanT5(TemplateLM):
 
     def __init__(self, pretrained: str = "google/flan-t5-base", dtype: str = "float32", batch_size: int | str = 16,
                  max_length: int | None = None, device: str = "cpu", max_gen_toks: int = 256,
-                 quantize: str | None = None, **ignored):
+                 quantize: str | None = None, peft: str | None = None, **ignored):
         super().__init__()
         if str(dtype) == "auto":
             dtype = "float32"
         self.model = T5.from_pretrained(pretrained, dtype=getattr(torch, str(dtype)), device=device,
-                                        quantize=quantize)
+                                        quantize=quantize, adapter=peft)  # peft: a LoRA adapter, as hf names it
         tokenizer_folder = resolve(pretrained, TOKENIZER_FILES)
         self.tokenizer = Tokenizer(tokenizer_folder)
         self._device = torch.device(device)

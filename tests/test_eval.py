@@ -3,6 +3,7 @@ tests/fixtures), with lm-eval's prompts and scoring; the command's JSON equal to
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -112,3 +113,46 @@ def test_eval_misuse_is_one_line(folder, capsys, args, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+def test_eval_with_a_lora_adapter_is_the_merged_model(folder, tmp_path):
+    """peft=DIR (lm-eval's hf name; `nanoflant5 eval --adapter DIR`): the harness scores with the adapter merged,
+    as the merged checkpoint scores, and not as the base model does."""
+    import torch
+    from lm_eval.api.instance import Instance
+
+    from nanoflant5 import T5, lora
+    from nanoflant5.harness import NanoFlanT5
+    from nanoflant5.load import save_pretrained
+    from nanoflant5.tokenizer import TOKENIZER_FILES
+
+    model = T5.from_pretrained(folder)
+    lora.add_adapters(model, ["q", "v", "wo"], r=4, alpha=8)
+    with torch.no_grad():
+        for m in lora.adapted(model).values():
+            for b in m.lora_B.values():
+                b.normal_(0, 0.5, generator=torch.Generator().manual_seed(b.numel()))
+    lora.save_adapter(model, tmp_path / "adapter", ["q", "v", "wo"], 4, 8, 0.0, False)
+    save_pretrained(lora.merge(model), tmp_path / "merged")
+    for name in TOKENIZER_FILES:  # (the harness reads the tokenizer beside the weights)
+        if (folder / name).exists():
+            shutil.copy(folder / name, tmp_path / "merged" / name)
+    dev = mmlu_rows(FIXTURES / "mmlu" / "dev" / f"{SUBJECT}_dev.csv")
+    requests = [Instance("loglikelihood", {}, (mmlu_context(SUBJECT, dev[:1], row), f" {x}"), i)
+                for i, (row, x) in enumerate(zip(dev[1:4], "ABC"))]
+    args = dict(dtype="float32", batch_size=4, max_length=64)
+    scores = {name: [s for s, _ in NanoFlanT5(pretrained=str(path), **args, **extra).loglikelihood(
+                  requests, disable_tqdm=True)]
+              for name, path, extra in [("adapter", folder, dict(peft=str(tmp_path / "adapter"))),
+                                        ("merged", tmp_path / "merged", {}), ("base", folder, {})]}
+    assert scores["adapter"] == pytest.approx(scores["merged"], abs=1e-4)
+    assert scores["adapter"] != pytest.approx(scores["base"], abs=1e-2)
+
+
+def test_eval_command_passes_the_adapter(folder, tmp_path, capsys):
+    from nanoflant5.cli import main
+
+    assert main(["eval", "--model", str(folder), "--adapter", str(tmp_path), "--tasks", f"mmlu_{SUBJECT}", "--data",
+                 str(FIXTURES), "--limit", "1", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {tmp_path}: no adapter_config.json (not a peft adapter folder?)\n", err
