@@ -13,6 +13,7 @@ import traceback
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZE = ("int8", "w8a8")  # quantize.MODES (not imported here: the CLI loads torch only when it runs)
 DEFAULT_MODEL = "google/flan-t5-base"
+ADAPTER_HELP = "a LoRA adapter folder (peft's layout, e.g. from train --lora-r), merged into the model's weights"
 
 
 class UsageError(Exception):
@@ -31,13 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text for prompts")
-    g.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     which = g.add_mutually_exclusive_group()
     which.add_argument("--model", help=f"local folder or hub id (default {DEFAULT_MODEL})")
     which.add_argument("--model-size", "--model_size", dest="model_size",
                        choices=("small", "base", "large", "xl", "xxl"), help="google/flan-t5-SIZE")
-    g.add_argument("--adapter", help="a LoRA adapter folder (peft's layout, e.g. from train --lora-r), merged into "
-                                     "the model's weights")
+    g.add_argument("--adapter", help=ADAPTER_HELP)
     g.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several)")
     g.add_argument("--input-file", "--input_file", dest="input_file", help="a file with one prompt per line")
     # Generation settings: unset ones come from the checkpoint's generation_config.json, then transformers' defaults.
@@ -71,19 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts decoded together")
     g.add_argument("--max-input-length", "--max_input_length", dest="max_input_length", type=int, default=None,
                    help="truncate prompts to this many tokens (default: no truncation)")
-    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    g.add_argument("--dtype", choices=DTYPES, default="float32")
-    g.add_argument("--quantize", choices=QUANTIZE, help="int8 linear layers (CPU; close to float32's output, not "
-                                                         "equal): int8 weight-only, w8a8 with int8 activations too")
+    add_loading(g, DTYPES, "int8 linear layers (CPU; close to float32's output, not equal): int8 weight-only, w8a8 "
+                           "with int8 activations too")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the decoding step: a slow first batch (9-60 s on CPU), faster later ones "
                         "(default: once the eager decoding has taken as long as compiling takes)")
 
     s = sub.add_parser("serve", help="an OpenAI-compatible server with continuous batching (pip install "
                                      "'nanoflant5[serve]')")
-    s.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     s.add_argument("--model", default=DEFAULT_MODEL, help=f"local folder or hub id (default {DEFAULT_MODEL})")
-    s.add_argument("--adapter", help="a LoRA adapter folder (peft's layout), merged into the model's weights")
+    s.add_argument("--adapter", help=ADAPTER_HELP)
     s.add_argument("--served-model-name", dest="served_model_name", help="the name clients use (default: --model)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
@@ -92,12 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("max-input-length", 512, "the longest prompt, in tokens"),
                                 ("max-new-tokens", 512, "the most tokens a request may ask for")]:
         s.add_argument(f"--{flag}", dest=flag.replace("-", "_"), type=int, default=default, help=text)
-    s.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    s.add_argument("--dtype", choices=DTYPES + ("float64",), default="float32")
-    s.add_argument("--quantize", choices=QUANTIZE, help="int8 linear layers (see generate --help)")
+    add_loading(s)
 
     t = sub.add_parser("train", help="fine-tune on a JSONL or TSV file (torchrun for several processes)")
-    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     t.add_argument("--model", required=True, help="folder or hub id to start from")
     t.add_argument("--data", required=True, help="JSONL (input/target fields) or TSV (input, target)")
     t.add_argument("--output", required=True, help="run folder: checkpoints, metrics.jsonl, the final model")
@@ -141,24 +134,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="the same prompts through nanoflant5 and transformers: how often the outputs "
                                        "are identical (pip install transformers)")
-    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     c.add_argument("--model", default=DEFAULT_MODEL, help=f"local folder or hub id (default {DEFAULT_MODEL})")
     c.add_argument("--data", required=True, help="JSONL (a prompt, input, text or question field) or text file")
     c.add_argument("--num-beams", dest="num_beams", type=int, default=1)
     c.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, default=100)
     c.add_argument("--batch-size", dest="batch_size", type=int, default=16)
     c.add_argument("--limit", type=int, help="the first N prompts")
-    c.add_argument("--dtype", choices=DTYPES + ("float64",), default="float32")
-    c.add_argument("--quantize", choices=QUANTIZE, help="nanoflant5's side in int8 (see generate --help)")
-    c.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_loading(c, quantize_help="nanoflant5's side in int8 (see generate --help)")
     c.add_argument("--show", type=int, default=20, help="print the texts of this many that differ")
     c.add_argument("--output", help="write every comparison as JSONL")
 
     e = sub.add_parser("eval", help="lm-evaluation-harness tasks (mmlu, gsm8k, ...) on the model (pip install "
                                     "'nanoflant5[eval]')")
-    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     e.add_argument("--model", default=DEFAULT_MODEL, help=f"local folder or hub id (default {DEFAULT_MODEL})")
-    e.add_argument("--adapter", help="a LoRA adapter folder (peft's layout), merged into the model's weights")
+    e.add_argument("--adapter", help=ADAPTER_HELP)
     e.add_argument("--tasks", required=True, help="lm-eval task or group names, comma-separated (mmlu,gsm8k)")
     e.add_argument("--num-fewshot", "--num_fewshot", dest="num_fewshot", type=int,
                    help="examples before each question (default: the task's)")
@@ -169,10 +158,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", dest="batch_size", type=int, default=16)
     e.add_argument("--max-length", dest="max_length", type=int,
                    help="longer prompts lose their beginning (default: the tokenizer's, 512 for FLAN-T5)")
-    e.add_argument("--dtype", choices=DTYPES + ("float64",), default="float32")
-    e.add_argument("--quantize", choices=QUANTIZE, help="int8 linear layers (see generate --help)")
-    e.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_loading(e)
+    for command in (g, s, t, c, e):  # (also after the command: nanoflant5 generate ... --debug)
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+def add_loading(command, dtypes=DTYPES + ("float64",), quantize_help="int8 linear layers (see generate --help)"):
+    """--device, --dtype and --quantize: how a command loads the model."""
+    command.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    command.add_argument("--dtype", choices=dtypes, default="float32")
+    command.add_argument("--quantize", choices=QUANTIZE, help=quantize_help)
 
 
 def early_stopping_value(text: str):
@@ -356,7 +352,6 @@ def cmd_compare(args) -> int:
 
 def cmd_eval(args) -> int:
     import importlib.util
-
     from pathlib import Path
 
     check_at_least_one(args, "limit", "batch_size", "max_length")

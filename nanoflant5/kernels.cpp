@@ -22,8 +22,7 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#include <immintrin.h>
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)  // (implies __AVX512F__: immintrin.h is in)
 #define INT8_ROWS 1
 #endif
 
@@ -35,6 +34,13 @@ constexpr int64_t AHEAD = 12288;  // bytes prefetched ahead in each weight row's
 constexpr int NB = 4;             // weight rows read side by side
 
 inline vfloat load(const float* p) { vfloat v; std::memcpy(&v, p, sizeof v); return v; }
+
+// The output of a linear layer with N outputs for x (..., K): (..., N), float32 like x.
+at::Tensor linear_output(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return at::empty(shape, x.options());
+}
 inline float lanes_sum(vfloat v) {  // a fixed order, so results do not depend on the thread that computes them
   typedef float v8 __attribute__((vector_size(32)));
   typedef float v4 __attribute__((vector_size(16)));
@@ -78,9 +84,7 @@ at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && x.size(-1) == K && K % L == 0,
               "rows_linear: a contiguous (N, K) weight with K a multiple of 16, and x (..., K) expected");
   at::Tensor x2 = x.reshape({-1, K}).contiguous();
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  at::Tensor y = at::empty(shape, x.options());
+  at::Tensor y = linear_output(x, N);
   const float* xp = x2.data_ptr<float>();
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -149,9 +153,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
               K % L == 0, "int8_linear: a contiguous (N, K) weight with K a multiple of 16, (N,) scales and x (..., K)"
               " expected");
   at::Tensor x2 = x.reshape({-1, K}).contiguous();
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  at::Tensor y = at::empty(shape, x.options());
+  at::Tensor y = linear_output(x, N);
   const float* xp = x2.data_ptr<float>();
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
@@ -232,6 +234,13 @@ void rows8(const uint8_t* x, const int8_t* w, int32_t* y, int64_t K, int64_t N) 
   for (int64_t n = N / nb * nb; n < N; n++) block8<R, 1>(x, w, y, K, N, n);
 }
 
+// int8 x + 128 as uint8, what int8_rows' kernels take (see block8)
+std::vector<uint8_t> plus_128(const int8_t* x, int64_t n) {
+  std::vector<uint8_t> xu(n);
+  for (int64_t i = 0; i < n; i++) xu[i] = uint8_t(int(x[i]) + 128);
+  return xu;
+}
+
 void rows8_of(const uint8_t* xu, const int8_t* w, int32_t* y, int64_t M, int64_t K, int64_t N) {
   switch (M) {
     case 1: rows8<1>(xu, w, y, K, N); break;
@@ -253,15 +262,13 @@ at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& w) {
               "int8_rows: x (M, K) and a contiguous weight (N, K) with K <= 65536 expected");
   at::Tensor xc = x.contiguous();
   const int8_t* xp = xc.data_ptr<int8_t>();
-  std::vector<uint8_t> xu(M * K);  // x + 128
-  for (int64_t i = 0; i < M * K; i++) xu[i] = uint8_t(int(xp[i]) + 128);
+  const std::vector<uint8_t> xu = plus_128(xp, M * K);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kInt));
   TORCH_CHECK(M >= 1 && M <= 8, "int8_rows: 1-8 rows expected, got ", M);
   rows8_of(xu.data(), w.data_ptr<int8_t>(), y.data_ptr<int32_t>(), M, K, N);
   return y;
 }
 #endif
-
 
 // Each row of x as int8 q and a scale s (max |x| / 127, 1 for a zero row) with x ~ s q, q = x / s rounded to nearest
 // even; then y = (float(q . w_n) * s) * scale_n. The same arithmetic, step by step, as quantize.w8a8_reference.
@@ -304,9 +311,7 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
       sx[m] = s;
     }
   });
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = N;
-  at::Tensor y = at::empty(shape, x.options());
+  at::Tensor y = linear_output(x, N);
   float* yp = y.data_ptr<float>();
   const float* sp = scale.data_ptr<float>();
   // y[:, n0:n0+nc] from the exact int32 sums of those columns
@@ -319,8 +324,7 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   };
 #ifdef INT8_ROWS
   if (M <= 8 && K <= 65536) {  // few rows: the weight streamed once (int8_rows), faster than oneDNN's GEMM there
-    std::vector<uint8_t> xu(M * K);  // q + 128
-    for (int64_t i = 0; i < M * K; i++) xu[i] = uint8_t(int(qp[i]) + 128);
+    const std::vector<uint8_t> xu = plus_128(qp, M * K);
     at::Tensor acc = at::empty({M, N}, x.options().dtype(at::kInt));
     rows8_of(xu.data(), w.data_ptr<int8_t>(), acc.data_ptr<int32_t>(), M, K, N);
     scale_into(acc, 0, N);

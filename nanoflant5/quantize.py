@@ -32,6 +32,8 @@ KERNEL_ROWS = 64  # rows up to which int8_linear multiplies (measured: faster th
 class Int8Linear(nn.Module):
     """A bias-free linear layer with an int8 weight (out, in) and float32 per-output scales."""
 
+    mode = "int8"
+
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         w = weight.detach().float()
@@ -44,29 +46,30 @@ class Int8Linear(nn.Module):
     def dequantized(self, dtype=torch.float32):
         return (self.q.to(dtype) * self.scale[:, None].to(dtype))
 
+    def kernel_takes(self, x) -> bool:
+        """Whether nanoflant5's CPU kernels (kernels.py) take x: float32 on CPU, float32 scales, the kernels built."""
+        return (x.dtype == torch.float32 and x.device.type == "cpu" and self.scale.dtype == torch.float32
+                and kernels.available())
+
     def forward(self, x):
         rows = x.numel() // x.shape[-1]
-        if (x.dtype == torch.float32 and x.device.type == "cpu" and rows <= KERNEL_ROWS and self.q.shape[1] % 16 == 0
-                and self.scale.dtype == torch.float32 and kernels.available()):
+        if rows <= KERNEL_ROWS and self.q.shape[1] % 16 == 0 and self.kernel_takes(x):
             return torch.ops.nanoflant5_cpu.int8_linear(x, self.q, self.scale)
         return F.linear(x, self.dequantized(x.dtype))
 
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.mode}"
 
 
 class W8A8Linear(Int8Linear):
     """Int8Linear's weight, times each row of x quantized to int8 on the fly (see the module's docstring)."""
 
+    mode = "w8a8"
+
     def forward(self, x):
-        if (x.dtype == torch.float32 and x.device.type == "cpu" and self.scale.dtype == torch.float32
-                and kernels.available() and hasattr(torch.ops.nanoflant5_cpu, "w8a8_linear")
-                and int_mm_exact(self.in_features)):
+        if self.kernel_takes(x) and int_mm_exact(self.in_features):
             return torch.ops.nanoflant5_cpu.w8a8_linear(x, self.q, self.scale)
         return w8a8_reference(x, self.q, self.scale)
-
-    def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, w8a8"
 
 
 def quantize_rows(x):
@@ -104,7 +107,7 @@ def quantize(model, mode: str):
     """Replace the model's linear layers (attention, feed-forward, output layer) by int8 ones of the mode, in place.
     The embedding stays as it is (a tied output layer gets its own int8 copy). Returns the model."""
     check_mode(mode)
-    layer = {"int8": Int8Linear, "w8a8": W8A8Linear}[mode]
+    layer = {cls.mode: cls for cls in (Int8Linear, W8A8Linear)}[mode]
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if type(child) is nn.Linear:

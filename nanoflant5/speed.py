@@ -33,6 +33,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 from .config import GenerationConfig
 from . import kernels
 from .model import T5
+from .quantize import Int8Linear
 
 # Faster kernels for the decoding step's linear layers on CPU (see fast_linears): nanoflant5's own for 1-4 rows of
 # float32 (kernels.py), and packed GEMMs (PACKERS) where they measure faster than F.linear.
@@ -131,7 +132,7 @@ def compile_key(model: T5, dtype: torch.dtype) -> str:
     """What a compiled step's cost depends on: the architecture, the dtype, int8 layers, torch's version."""
     from dataclasses import asdict
 
-    quantized = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in ("Int8Linear", "W8A8Linear")})
+    quantized = sorted({m.mode for m in model.modules() if isinstance(m, Int8Linear)})
     return json.dumps([asdict(model.config), str(dtype), quantized, torch.__version__], sort_keys=True, default=str)
 
 
@@ -335,29 +336,24 @@ def fast_norms(model: T5, compile: bool = False):
     if compile or not KERNELS or w.dtype != torch.float32 or w.device.type != "cpu" or not kernels.available():
         yield
         return
-    try:
-        for norm in norms:
-            norm.forward = partial(torch.ops.nanoflant5_cpu.rms_norm, weight=norm.weight, eps=norm.eps)
+    with forwards(norms, _NORM_FORWARDS, partial(torch.ops.nanoflant5_cpu.rms_norm, eps=norms[0].eps)):
         yield
-    finally:
-        for norm in norms:
-            norm.__dict__.pop("forward", None)
 
 
 @contextmanager
-def forwards(linears, cache: weakref.WeakKeyDictionary, op):
-    """Inside the block, each linear layer's forward is op(x, weight=its weight): for each layer and op the same
-    object every call, so a compiled step's guards still hold."""
+def forwards(layers, cache: weakref.WeakKeyDictionary, op):
+    """Inside the block, each layer's forward is op(x, weight=its weight) (linear layers; the layer norms): for each
+    layer and op the same object every call, so a compiled step's guards still hold."""
     try:
-        for linear in linears:
-            forward = cache.get(linear)
-            if forward is None or forward.keywords["weight"] is not linear.weight:
-                forward = cache[linear] = partial(op, weight=linear.weight)
-            linear.forward = forward
+        for layer in layers:
+            forward = cache.get(layer)
+            if forward is None or forward.keywords["weight"] is not layer.weight:
+                forward = cache[layer] = partial(op, weight=layer.weight)
+            layer.forward = forward
         yield
     finally:
-        for linear in linears:
-            linear.__dict__.pop("forward", None)  # back to nn.Linear.forward
+        for layer in layers:
+            layer.__dict__.pop("forward", None)  # back to the class's forward
 
 
 _KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> (packer, rows, fingerprint, copy)
@@ -382,6 +378,7 @@ def pack(linear: nn.Linear, packer: str, rows: int, keep: bool):
 _PACKED: dict[tuple, tuple[torch.Tensor, int, str]] = {}  # -> (packed copy, rows, packer)
 _FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> its packed forward
 _KERNEL_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> its rows_linear forward
+_NORM_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer norm -> its rms_norm forward
 
 
 def _packed_linear(x, weight):
