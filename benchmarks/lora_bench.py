@@ -66,20 +66,26 @@ def child(impl: str, folder: str, steps: int, batch_size: int, targets: str):
         def mean_loss(ids, mask, labels):
             return model(input_ids=ids, attention_mask=mask, labels=labels).loss
     model.train()
+    fused = contextlib.nullcontext()
+    if impl.startswith("nanoflant5"):  # as train.py: one-call layer norms and activations
+        from nanoflant5 import speed
+
+        fused = speed.fused_layers(model)
     trained = [p for p in model.parameters() if p.requires_grad]
     train_bench.IN_LEN, train_bench.OUT_LEN = IN_LEN, OUT_LEN  # the lengths train_bench.batches() draws
     times, losses = [], []
-    for step, (ids, mask, labels) in enumerate(train_bench.batches(train_bench.WARMUP + steps, batch_size)):
-        t0 = time.perf_counter()
-        loss = mean_loss(ids, mask, labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        losses.append(loss.item())
-        if step >= train_bench.WARMUP:
-            times.append(dt)
+    with fused:
+        for step, (ids, mask, labels) in enumerate(train_bench.batches(train_bench.WARMUP + steps, batch_size)):
+            t0 = time.perf_counter()
+            loss = mean_loss(ids, mask, labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            losses.append(loss.item())
+            if step >= train_bench.WARMUP:
+                times.append(dt)
     print(json.dumps(dict(times=times, losses=losses, rss=train_bench.peak_rss_mib(),
                           trained=sum(p.numel() for p in trained))))
 

@@ -98,19 +98,25 @@ def child(impl: str, folder: str, steps: int, batch_size: int, dtype=torch.float
         def mean_loss(ids, mask, labels):
             return model(input_ids=ids, attention_mask=mask, labels=labels).loss
     model.train()
+    fused = contextlib.nullcontext()
+    if impl == "nanoflant5":  # as train.py: one-call layer norms and activations
+        from nanoflant5 import speed
+
+        fused = speed.fused_layers(model)
     data = batches(WARMUP + steps, batch_size)
     times, losses = [], []
-    for step, (ids, mask, labels) in enumerate(data):
-        t0 = time.perf_counter()
-        loss = mean_loss(ids, mask, labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        dt = time.perf_counter() - t0
-        losses.append(loss.item())
-        if step >= WARMUP:
-            times.append(dt)
+    with fused:
+        for step, (ids, mask, labels) in enumerate(data):
+            t0 = time.perf_counter()
+            loss = mean_loss(ids, mask, labels)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            losses.append(loss.item())
+            if step >= WARMUP:
+                times.append(dt)
     print(json.dumps(dict(times=times, losses=losses, rss=peak_rss_mib())))
 
 

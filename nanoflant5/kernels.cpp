@@ -7,17 +7,21 @@
 // - w8a8_linear(x (..., K), w (N, K), scale (N,)): x's rows quantized to int8 (each row's own scale), multiplied with
 //   int8 w exactly in int32 by torch's _int_mm (oneDNN: AMX or VNNI), then times both scales (quantize.py's w8a8);
 // - rms_norm(x (..., D), w (D,), eps) = w * (x * rsqrt(mean(x^2) + eps)) for float32, T5's layer norm in one call
-//   (torch's rms_norm on CPU is some 20 operator calls).
+//   (torch's rms_norm on CPU is some 20 operator calls), and rms_norm_backward, its gradients in one call;
+// - gated_gelu(h (..., 2F)) = gelu_tanh(h[..., :F]) * h[..., F:], FLAN-T5's gated feed-forward activation on the
+//   fused wi output, and gated_gelu_backward, the gradient of h in one call (training, encoder prefill).
 // Built on first use by nanoflant5/kernels.py (torch.utils.cpp_extension); see there for why and how much.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <tuple>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -192,6 +196,223 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
+// rms_norm's gradients for the output's gradient g: with r = rsqrt(mean(x^2) + eps), d/dx = r g w - x r^3 mean(g w x)
+// and d/dw = the sum over rows of g x r (only when weight_grad: a frozen norm skips it). Each thread sums its own rows'
+// d/dw, the partial sums then added in a fixed order.
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
+                                                     double eps, bool weight_grad) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
+              x.device().is_cpu() && w.dim() == 1 && w.is_contiguous() && x.size(-1) == w.size(0) &&
+              g.sizes() == x.sizes(), "rms_norm_backward: float32 g and x (..., D) and weight (D,) on CPU expected");
+  const int64_t D = w.size(0);
+  at::Tensor xc = x.contiguous(), gc = g.contiguous();
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  const int64_t M = xc.numel() / D;
+  const int64_t parts = weight_grad ? std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), M)) : 1;
+  const int64_t per = (M + parts - 1) / parts;  // rows per part
+  at::Tensor partial = at::zeros({weight_grad ? parts : 0, D}, w.options());
+  const float* xp = xc.data_ptr<float>();
+  const float* gp = gc.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* dp = dx.data_ptr<float>();
+  float* pp = partial.data_ptr<float>();
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; p++) {
+      for (int64_t m = p * per; m < std::min(M, (p + 1) * per); m++) {
+        const float* xr = xp + m * D;
+        const float* gr = gp + m * D;
+        float* dr = dp + m * D;
+        float ss = 0, dot = 0;
+#pragma omp simd reduction(+ : ss, dot)
+        for (int64_t k = 0; k < D; k++) { ss += xr[k] * xr[k]; dot += gr[k] * wp[k] * xr[k]; }
+        const float r = 1.0f / std::sqrt(ss / float(D) + float(eps));
+        const float c = r * r * r * dot / float(D);
+#pragma omp simd
+        for (int64_t k = 0; k < D; k++) dr[k] = r * gr[k] * wp[k] - c * xr[k];
+        if (weight_grad) {
+          float* pr = pp + p * D;
+#pragma omp simd
+          for (int64_t k = 0; k < D; k++) pr[k] += gr[k] * xr[k] * r;
+        }
+      }
+    }
+  });
+  return {dx, weight_grad ? partial.sum(0) : at::empty({0}, w.options())};
+}
+
+// tanh as an odd rational function of degree 13/6, exact to a few float32 ulps, clamped to +-1 past |u| = 7.9
+// (Eigen's generic_fast_tanh_float): branch-free, so the loops below vectorize.
+inline float fast_tanh(float u) {
+  const float c = 7.90531110763549805f;
+  u = u > c ? c : (u < -c ? -c : u);
+  const float u2 = u * u;
+  float p = -2.76076847742355e-16f;
+  p = p * u2 + 2.00018790482477e-13f;
+  p = p * u2 - 8.60467152213735e-11f;
+  p = p * u2 + 5.12229709037114e-08f;
+  p = p * u2 + 1.48572235717979e-05f;
+  p = p * u2 + 6.37261928875436e-04f;
+  p = p * u2 + 4.89352455891786e-03f;
+  float q = 1.19825839466702e-06f;
+  q = q * u2 + 1.18534705686654e-04f;
+  q = q * u2 + 2.26843463243900e-03f;
+  q = q * u2 + 4.89352518554385e-03f;
+  return u * p / q;
+}
+
+// gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) (Hendrycks & Gimpel 2016, transformers' gelu_new)
+constexpr float GELU_K0 = 0.7978845608028654f, GELU_K1 = 0.044715f;
+
+void check_gated(const at::Tensor& h) {
+  TORCH_CHECK(h.scalar_type() == at::kFloat && h.device().is_cpu() && h.dim() >= 1 && h.size(-1) % 2 == 0,
+              "gated_gelu: float32 h (..., 2F) on CPU expected");
+}
+
+at::Tensor gated_gelu(const at::Tensor& h) {
+  check_gated(h);
+  const int64_t F = h.size(-1) / 2, M = F ? h.numel() / (2 * F) : 0;
+  at::Tensor hc = h.contiguous();
+  at::Tensor y = linear_output(h, F);
+  const float* hp = hc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; m++) {
+      const float* gate = hp + m * 2 * F;
+      const float* lin = gate + F;
+      float* out = yp + m * F;
+#pragma omp simd
+      for (int64_t j = 0; j < F; j++) {
+        const float x = gate[j];
+        out[j] = 0.5f * x * (1.0f + fast_tanh(GELU_K0 * (x + GELU_K1 * x * x * x))) * lin[j];
+      }
+    }
+  });
+  return y;
+}
+
+// d/d gate = g lin gelu'(gate), d/d lin = g gelu(gate), written side by side as h is laid out
+at::Tensor gated_gelu_backward(const at::Tensor& g, const at::Tensor& h) {
+  check_gated(h);
+  const int64_t F = h.size(-1) / 2, M = F ? h.numel() / (2 * F) : 0;
+  TORCH_CHECK(g.scalar_type() == at::kFloat && g.numel() == M * F, "gated_gelu_backward: float32 g (..., F) expected");
+  at::Tensor hc = h.contiguous(), gc = g.contiguous();
+  at::Tensor dh = at::empty(h.sizes(), h.options());
+  const float* hp = hc.data_ptr<float>();
+  const float* gp = gc.data_ptr<float>();
+  float* dp = dh.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; m++) {
+      const float* gate = hp + m * 2 * F;
+      const float* lin = gate + F;
+      const float* gr = gp + m * F;
+      float* dgate = dp + m * 2 * F;
+      float* dlin = dgate + F;
+#pragma omp simd
+      for (int64_t j = 0; j < F; j++) {
+        const float x = gate[j];
+        const float t = fast_tanh(GELU_K0 * (x + GELU_K1 * x * x * x));
+        const float slope = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * GELU_K0 * (1.0f + 3.0f * GELU_K1 * x * x);
+        dlin[j] = gr[j] * 0.5f * x * (1.0f + t);
+        dgate[j] = gr[j] * lin[j] * slope;
+      }
+    }
+  });
+  return dh;
+}
+
+// exp on 16 lanes (Cephes' expf: 2^n e^r with |r| <= ln 2 / 2, e^r a degree-7 polynomial; within 2 float32 ulps),
+// clamped to the float32 range; e^(-inf) = 0.
+typedef int32_t vint __attribute__((vector_size(64)));
+
+inline vfloat vexp(vfloat x) {
+  const vint low = x < -87.3f;  // e^x below float32's normal range (and -inf): 0
+  x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
+  const vfloat n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const vfloat r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vfloat p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const vfloat e = (p * r * r + r + 1.0f) * (vfloat)((__builtin_convertvector(n, vint) + 127) << 23);  // * 2^n
+  return low ? vfloat{} : e;
+}
+
+// The largest of a row's n floats.
+inline float row_max(const float* row, int64_t n) {
+  vfloat m = vfloat{} - INFINITY;
+  int64_t v = 0;
+  for (; v + L <= n; v += L) { const vfloat x = load(row + v); m = x > m ? x : m; }
+  float mx = -INFINITY;
+  for (int i = 0; i < L; i++) mx = std::max(mx, m[i]);
+  for (; v < n; v++) mx = std::max(mx, row[v]);
+  return mx;
+}
+
+void check_token_losses(const at::Tensor& logits, const at::Tensor& labels) {
+  TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.device().is_cpu() && logits.dim() == 2 &&
+              logits.is_contiguous() && labels.scalar_type() == at::kLong && labels.dim() == 1 &&
+              labels.size(0) == logits.size(0), "token_losses: float32 logits (N, V) and int64 labels (N,) expected");
+}
+
+// Each row's cross-entropy, log(sum(exp(logits))) - logits[label] (0 where label is ignore_index), and its
+// log-sum-exp: one read of the logits, where log_softmax writes them all again.
+std::tuple<at::Tensor, at::Tensor> token_losses(const at::Tensor& logits, const at::Tensor& labels,
+                                                int64_t ignore_index) {
+  check_token_losses(logits, labels);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  at::Tensor loss = at::empty({N}, logits.options()), lse = at::empty({N}, logits.options());
+  at::Tensor lab = labels.contiguous();
+  const float* xp = logits.data_ptr<float>();
+  const int64_t* lp = lab.data_ptr<int64_t>();
+  float* op = loss.data_ptr<float>();
+  float* sp = lse.data_ptr<float>();
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+      const float* row = xp + n * V;
+      const float mx = row_max(row, V);
+      vfloat acc = {};
+      int64_t v = 0;
+      for (; v + L <= V; v += L) acc += vexp(load(row + v) - mx);
+      float sum = lanes_sum(acc);
+      for (; v < V; v++) sum += std::exp(row[v] - mx);
+      sp[n] = mx + std::log(sum);
+      const int64_t label = lp[n];
+      TORCH_CHECK(label == ignore_index || (label >= 0 && label < V), "token_losses: label ", label, " out of range");
+      op[n] = label == ignore_index ? 0.0f : sp[n] - row[label];
+    }
+  });
+  return {loss, lse};
+}
+
+// The gradient of token_losses' rows for their gradient g (N,): g * (softmax(logits) - onehot(label)), in one pass.
+at::Tensor token_losses_backward(const at::Tensor& g, const at::Tensor& logits, const at::Tensor& labels,
+                                 const at::Tensor& lse, int64_t ignore_index) {
+  check_token_losses(logits, labels);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  at::Tensor gc = g.contiguous(), lab = labels.contiguous(), dx = at::empty(logits.sizes(), logits.options());
+  const float* xp = logits.data_ptr<float>();
+  const float* gp = gc.data_ptr<float>();
+  const float* sp = lse.data_ptr<float>();
+  const int64_t* lp = lab.data_ptr<int64_t>();
+  float* dp = dx.data_ptr<float>();
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; n++) {
+      const float* row = xp + n * V;
+      float* out = dp + n * V;
+      const float gn = lp[n] == ignore_index ? 0.0f : gp[n], s = sp[n];
+      int64_t v = 0;
+      for (; v + L <= V; v += L) {
+        const vfloat d = vexp(load(row + v) - s) * gn;
+        std::memcpy(out + v, &d, sizeof d);
+      }
+      for (; v < V; v++) out[v] = std::exp(row[v] - s) * gn;
+      if (lp[n] != ignore_index) out[lp[n]] -= gn;
+    }
+  });
+  return dx;
+}
+
 #ifdef INT8_ROWS
 // y[r, n:n+nb] for rows r < R of x (R, K) and int8 weight rows n..n+nb of w (N, K), with x given as x + 128 (uint8):
 // VNNI multiplies uint8 by int8 (vpdpbusd: four products added into each int32 lane, exactly), so it computes
@@ -347,6 +568,11 @@ TORCH_LIBRARY(nanoflant5_cpu, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("w8a8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, float eps, bool weight_grad) -> (Tensor, Tensor)");
+  m.def("gated_gelu(Tensor h) -> Tensor");
+  m.def("gated_gelu_backward(Tensor grad, Tensor h) -> Tensor");
+  m.def("token_losses(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)");
+  m.def("token_losses_backward(Tensor grad, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor");
 #ifdef INT8_ROWS
   m.def("int8_rows(Tensor x, Tensor weight) -> Tensor");
 #endif
@@ -357,6 +583,11 @@ TORCH_LIBRARY_IMPL(nanoflant5_cpu, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("w8a8_linear", &w8a8_linear);
   m.impl("rms_norm", &rms_norm);
+  m.impl("rms_norm_backward", &rms_norm_backward);
+  m.impl("gated_gelu", &gated_gelu);
+  m.impl("gated_gelu_backward", &gated_gelu_backward);
+  m.impl("token_losses", &token_losses);
+  m.impl("token_losses_backward", &token_losses_backward);
 #ifdef INT8_ROWS
   m.impl("int8_rows", &int8_rows);
 #endif

@@ -203,16 +203,16 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, x):
-        h = self.wi(x)
-        if self.gated:
-            gate, linear = h.chunk(2, dim=-1)
-            h = self.act(gate) * linear
-        else:
-            h = self.act(h)
-        h = self.dropout(h)
+        h = self.dropout(self.activation(self.wi(x)))
         if isinstance(self.wo, nn.Linear):  # (not int8 layers: quantize.py)
             h = h.to(self.wo.weight.dtype)  # float32 under the float16 policy (load.py)
         return self.wo(h)
+
+    def activation(self, h):
+        if not self.gated:
+            return self.act(h)
+        gate, linear = h.chunk(2, dim=-1)
+        return self.act(gate) * linear
 
 
 class EncoderBlock(nn.Module):

@@ -28,9 +28,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from . import lora
+from . import lora, speed
 from .config import T5Config
 from .load import resolve, save_pretrained, write_atomically
 from .model import T5
@@ -200,7 +199,7 @@ def loss_sum(model, ids, mask, labels, autocast):
     with autocast:
         logits = model(ids, mask, labels=labels)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float32 at least
-    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+    return speed.cross_entropy_sum(logits, labels)
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -334,54 +333,55 @@ def _train(args, out, rank, world, device, tokenizer, data, eval_data) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     progress = Progress(total, main)
     try:
-        while step < total:
-            t0 = time.perf_counter()
-            indices = global_batch(len(data), step, G, args.seed)
-            n_tokens = sum(len(data[i][1]) for i in indices)  # target tokens in the whole global batch
-            n_seen = n_tokens + sum(len(data[i][0]) for i in indices)
-            mine = indices[rank::world]  # this process' share, cut into grad_accum micro-batches
-            total_loss = torch.zeros((), device=device)
-            for micro in range(args.grad_accum):
-                part = mine[micro * args.batch_size:(micro + 1) * args.batch_size]
-                ids, mask, labels = (t.to(device) for t in collate([data[i] for i in part], tokenizer.pad_token_id))
-                sync = micro == args.grad_accum - 1 or ddp is model
-                with contextlib.nullcontext() if sync else ddp.no_sync():
-                    loss = loss_sum(ddp, ids, mask, labels, autocast)
-                    # DDP averages gradients over processes; scaling by world makes the sum over all of them
-                    (loss * world / n_tokens).backward()
-                total_loss += loss.detach()
-            if args.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+        with speed.fused_layers(model):  # layer norms and activations in one call (CPU, float32)
+            while step < total:
+                t0 = time.perf_counter()
+                indices = global_batch(len(data), step, G, args.seed)
+                n_tokens = sum(len(data[i][1]) for i in indices)  # target tokens in the whole global batch
+                n_seen = n_tokens + sum(len(data[i][0]) for i in indices)
+                mine = indices[rank::world]  # this process' share, cut into grad_accum micro-batches
+                total_loss = torch.zeros((), device=device)
+                for micro in range(args.grad_accum):
+                    part = mine[micro * args.batch_size:(micro + 1) * args.batch_size]
+                    ids, mask, labels = (t.to(device) for t in collate([data[i] for i in part], tokenizer.pad_token_id))
+                    sync = micro == args.grad_accum - 1 or ddp is model
+                    with contextlib.nullcontext() if sync else ddp.no_sync():
+                        loss = loss_sum(ddp, ids, mask, labels, autocast)
+                        # DDP averages gradients over processes; scaling by world makes the sum over all of them
+                        (loss * world / n_tokens).backward()
+                    total_loss += loss.detach()
+                if args.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
 
-            stopping = torch.tensor([0 if stop["signal"] is None else 1], device=device)
-            if world > 1:
-                dist.all_reduce(total_loss)
-                dist.all_reduce(stopping)
-            seconds = time.perf_counter() - t0
-            metrics = {"step": step, "loss": total_loss.item() / n_tokens, "lr": lr,
-                       "tokens_per_s": n_seen / seconds, "time": time.time()}
-            if eval_data and ((args.eval_every and step % args.eval_every == 0) or step == total):
-                metrics["eval_loss"] = evaluate(ddp, eval_data, args, rank, world, device, tokenizer, autocast)
-            if main:
-                progress.update(metrics)
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
-            if (args.save_every and step % args.save_every == 0) or stopping.item() or step == total:
-                save_checkpoint(out, step, model, optimizer, scheduler, args, rank, world)
-            if stopping.item():
-                progress.close()
+                stopping = torch.tensor([0 if stop["signal"] is None else 1], device=device)
+                if world > 1:
+                    dist.all_reduce(total_loss)
+                    dist.all_reduce(stopping)
+                seconds = time.perf_counter() - t0
+                metrics = {"step": step, "loss": total_loss.item() / n_tokens, "lr": lr,
+                           "tokens_per_s": n_seen / seconds, "time": time.time()}
+                if eval_data and ((args.eval_every and step % args.eval_every == 0) or step == total):
+                    metrics["eval_loss"] = evaluate(ddp, eval_data, args, rank, world, device, tokenizer, autocast)
                 if main:
-                    print(f"stopped by signal at step {step}; checkpoint saved, continue with --resume",
-                          file=sys.stderr)
-                return 128 + (stop["signal"] or signal.SIGTERM)
-        progress.close()
-        export(model, optimizer, out, args, tokenizer, rank, world)
-        return 0
+                    progress.update(metrics)
+                    with open(out / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(metrics) + "\n")
+                if (args.save_every and step % args.save_every == 0) or stopping.item() or step == total:
+                    save_checkpoint(out, step, model, optimizer, scheduler, args, rank, world)
+                if stopping.item():
+                    progress.close()
+                    if main:
+                        print(f"stopped by signal at step {step}; checkpoint saved, continue with --resume",
+                              file=sys.stderr)
+                    return 128 + (stop["signal"] or signal.SIGTERM)
+            progress.close()
+            export(model, optimizer, out, args, tokenizer, rank, world)
+            return 0
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -133,3 +133,129 @@ print("|".join(str(w.message) for w in caught))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert kernels.available()  # this process's build is unaffected
+
+
+def _errors(kernel, torch_f32, reference):
+    """Largest error of the kernel's and of torch's float32 result against the float64 reference."""
+    return (kernel.double() - reference).abs().max().item(), (torch_f32.double() - reference).abs().max().item()
+
+
+def test_gated_gelu_and_its_gradient():
+    """gated_gelu(h) = gelu_tanh(h[..., :F]) * h[..., F:] and its gradient: within 2x torch's own float32 error of
+    the float64 result, for widths that are and are not a multiple of 16, large and tiny gates, strided inputs."""
+    gen = torch.Generator().manual_seed(0)
+    for F_ in (24, 1024):
+        h = (torch.randn(3, 70, 4 * F_, generator=gen) * 4)[..., ::2]  # (3, 70, 2F), strided
+        h[0, 0, :6] = torch.tensor([0.0, 1e-20, -30.0, 30.0, -4.0, 1e4])
+        g = torch.randn(3, 70, F_, generator=gen)
+        ours = h.detach().requires_grad_()  # (strided)
+        y = torch.ops.nanoflant5_cpu.gated_gelu(ours)
+        y.backward(g)
+        errors = []
+        for dtype in (torch.float32, torch.float64):
+            t = h.to(dtype).detach().requires_grad_()
+            gate, linear = t.chunk(2, -1)
+            out = F.gelu(gate, approximate="tanh") * linear
+            out.backward(g.to(dtype))
+            errors.append((out.detach(), t.grad))
+        (torch_y, torch_grad), (ref_y, ref_grad) = errors
+        for kernel, theirs, ref in ((y.detach(), torch_y, ref_y), (ours.grad, torch_grad, ref_grad)):
+            mine, torchs = _errors(kernel, theirs, ref)
+            assert mine <= 2 * torchs + 1e-30, (F_, mine, torchs)
+
+
+@pytest.mark.parametrize("weight_grad", [True, False])
+def test_rms_norm_gradient(weight_grad):
+    """rms_norm's gradients (x, and the weight's when it trains): within 2x torch's float32 error of float64
+    autograd, many rows (split between threads) and a width not a multiple of 16."""
+    gen = torch.Generator().manual_seed(1)
+    for rows, D in ((1, 24), (1000, 512)):
+        x0, w0 = torch.randn(rows, D, generator=gen) * 3, torch.rand(D, generator=gen) + 0.5
+        g = torch.randn(rows, D, generator=gen)
+        results = []
+        for kernel, dtype in ((True, torch.float32), (False, torch.float32), (False, torch.float64)):
+            x, w = x0.to(dtype, copy=True).requires_grad_(), w0.to(dtype, copy=True).requires_grad_(weight_grad)
+            y = torch.ops.nanoflant5_cpu.rms_norm(x, w, 1e-6) if kernel else F.rms_norm(x, (D,), w, 1e-6)
+            y.backward(g.to(dtype))
+            results.append((x.grad, w.grad))
+        (dx, dw), (torch_dx, torch_dw), (ref_dx, ref_dw) = results
+        mine, torchs = _errors(dx, torch_dx, ref_dx)
+        assert mine <= 2 * torchs, (rows, D, mine, torchs)
+        if weight_grad:
+            mine, torchs = _errors(dw, torch_dw, ref_dw)
+            assert mine <= 2 * torchs, (rows, D, mine, torchs)
+        else:
+            assert dw is None
+
+
+def test_token_losses_are_cross_entropy():
+    """token_losses (speed.cross_entropy_sum) = F.cross_entropy(reduction="sum", ignore_index=-100) and its gradient,
+    to torch's float32 error: ignored rows, a vocabulary not a multiple of 16, -inf and huge logits; a label out of
+    range is an error."""
+    gen = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 9, 1003, generator=gen) * 6
+    logits[0, 0, :3] = torch.tensor([-float("inf"), 80.0, -80.0])
+    labels = torch.randint(0, 1003, (2, 9), generator=gen)
+    labels[0, 0], labels[1, ::3] = 1, -100
+    results = []
+    for fn, dtype in ((S.cross_entropy_sum, torch.float32), (None, torch.float32), (None, torch.float64)):
+        x = logits.to(dtype, copy=True).requires_grad_()
+        loss = (fn(x, labels) if fn else
+                F.cross_entropy(x.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"))
+        loss.backward()
+        results.append((loss.detach(), x.grad))
+    (loss, grad), (torch_loss, torch_grad), (ref_loss, ref_grad) = results
+    for kernel, theirs, ref in ((loss, torch_loss, ref_loss), (grad, torch_grad, ref_grad)):
+        mine, torchs = _errors(kernel, theirs, ref)
+        assert mine <= 2 * torchs + 1e-6, (mine, torchs)
+    assert grad[1, ::3].abs().max() == 0  # ignored rows
+    with pytest.raises(RuntimeError, match="out of range"):
+        S.cross_entropy_sum(logits, torch.full((2, 9), 1003))
+
+
+@pytest.mark.parametrize("lora_targets", [None, ["q", "v"]])
+def test_training_step_with_fused_layers(checkpoint, lora_targets):
+    """A training step inside speed.fused_layers, with cross_entropy_sum: its loss and every trained gradient as close
+    to the float64 step's as the step with torch's float32 ops (full fine-tuning and LoRA, with padding); the fused
+    ops do run, and the layers are the model's own again afterwards."""
+    from helpers import random_labels
+    from nanoflant5 import T5, lora
+    from nanoflant5.model import FeedForward, RMSNorm
+
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = T5.from_pretrained(folder, dtype=torch.float32).train()
+    model.set_dropout(0.0)
+    if lora_targets:
+        lora.add_adapters(model, lora_targets, r=4, alpha=8)
+        for m in lora.adapted(model).values():
+            for b in m.lora_B.values():
+                torch.nn.init.normal_(b, std=0.5)
+    ids, mask = random_batch(model.config.vocab_size, [7, 4, 6])
+    labels = random_labels(model.config.vocab_size, [5, 3, 1])
+
+    def step(loss_fn, dtype):
+        model.to(dtype).zero_grad(set_to_none=True)
+        loss = loss_fn(model(ids, mask, labels=labels), labels)
+        loss.backward()
+        return loss.item(), {n: p.grad.double() for n, p in model.named_parameters() if p.requires_grad}
+
+    def torch_loss(logits, labels):
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+
+    plain = step(torch_loss, torch.float32)
+    with S.fused_layers(model), torch.autograd.profiler.profile() as prof:
+        fused = step(S.cross_entropy_sum, torch.float32)
+    reference = step(torch_loss, torch.float64)
+    calls = {e.name for e in prof.function_events}
+    assert {"nanoflant5_cpu::rms_norm_backward", "nanoflant5_cpu::gated_gelu_backward",
+            "nanoflant5_cpu::token_losses_backward"} <= calls
+
+    def error(result):  # the loss's relative error, and the largest gradient error relative to its tensor's largest
+        loss, grads = result
+        assert grads.keys() == reference[1].keys() and grads
+        return max([abs(loss - reference[0]) / abs(reference[0])] + [
+            ((g - reference[1][n]).abs().max() / reference[1][n].abs().max()).item() for n, g in grads.items()])
+
+    assert error(fused) <= max(4 * error(plain), 1e-6), (error(fused), error(plain))
+    assert all("forward" not in m.__dict__ and "activation" not in m.__dict__
+               for m in model.modules() if isinstance(m, (RMSNorm, FeedForward)))

@@ -104,11 +104,18 @@ def test_merged_equals_unmerged(checkpoint):
 
 
 def test_dropout_is_dropout():
-    """lora.dropout (a faster mask draw than F.dropout's) drops each element with probability p, scales the rest."""
-    kept = lora.dropout(torch.ones(400_000), 0.3)
-    assert kept.unique().tolist() == [0.0, torch.tensor(1 / 0.7).item()]
-    assert abs((kept == 0).float().mean().item() - 0.3) < 0.003  # 4 standard errors
+    """lora.dropout (a faster mask draw than F.dropout's) drops each element with probability p (rounded to 1/65536),
+    scales the rest, and draws every element alike (each of the four that share a 64-bit draw, odd sizes)."""
+    p = round(0.3 * 65536) / 65536
+    kept = lora.dropout(torch.ones(400_003), 0.3)
+    assert kept.unique().tolist() == [0.0, torch.tensor(1 / (1 - p)).item()]
+    for lane in range(4):  # 4 standard errors
+        assert abs((kept[lane::4] == 0).float().mean().item() - p) < 4 * (p * (1 - p) / 100_000) ** 0.5
     assert lora.dropout(torch.ones(3), 0.0).tolist() == [1.0, 1.0, 1.0]
+    x = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    y = lora.dropout(x, 0.5)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, (y != 0).double() / (1 - 0.5), rtol=0, atol=0)
 
 
 def test_training_matches_peft_in_float64(checkpoint):
