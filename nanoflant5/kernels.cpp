@@ -413,6 +413,38 @@ at::Tensor token_losses_backward(const at::Tensor& g, const at::Tensor& logits, 
   return dx;
 }
 
+// Dropout whose mask is a function of (seed, element index): 16 bits an element from SplitMix64's output function
+// (Steele, Lea & Flood 2014, "Fast splittable pseudorandom number generators"; the generator passes BigCrush) of
+// seed + k * golden ratio, four elements to a 64-bit word. An element is dropped when its bits are below `dropped`
+// (p = dropped / 65536), the others are scaled by 65536 / (65536 - dropped). The backward regenerates the mask from
+// the seed: nothing is saved, and mask, draw and product are one pass.
+inline uint64_t splitmix64(uint64_t z) {
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+at::Tensor seeded_dropout(const at::Tensor& x, int64_t dropped, int64_t seed) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu() && dropped >= 0 && dropped < 65536,
+              "seeded_dropout: float32 x on CPU and 0 <= dropped < 65536 expected");
+  at::Tensor xc = x.contiguous(), y = at::empty(x.sizes(), x.options());
+  const int64_t words = (xc.numel() + 3) / 4, n = xc.numel();
+  const float* xp = xc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const float scale = 65536.0f / float(65536 - dropped);
+  const uint64_t base = uint64_t(seed), threshold = uint64_t(dropped);
+  at::parallel_for(0, words, 4096, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; w++) {
+      const uint64_t bits = splitmix64(base + uint64_t(w + 1) * 0x9E3779B97F4A7C15ull);
+      for (int64_t j = 0; j < 4 && 4 * w + j < n; j++) {
+        const uint64_t b = (bits >> (16 * j)) & 0xFFFF;
+        yp[4 * w + j] = b >= threshold ? xp[4 * w + j] * scale : 0.0f;
+      }
+    }
+  });
+  return y;
+}
+
 #ifdef INT8_ROWS
 // y[r, n:n+nb] for rows r < R of x (R, K) and int8 weight rows n..n+nb of w (N, K), with x given as x + 128 (uint8):
 // VNNI multiplies uint8 by int8 (vpdpbusd: four products added into each int32 lane, exactly), so it computes
@@ -571,6 +603,7 @@ TORCH_LIBRARY(nanoflant5_cpu, m) {
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, float eps, bool weight_grad) -> (Tensor, Tensor)");
   m.def("gated_gelu(Tensor h) -> Tensor");
   m.def("gated_gelu_backward(Tensor grad, Tensor h) -> Tensor");
+  m.def("seeded_dropout(Tensor x, int dropped, int seed) -> Tensor");
   m.def("token_losses(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)");
   m.def("token_losses_backward(Tensor grad, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor");
 #ifdef INT8_ROWS
@@ -587,6 +620,7 @@ TORCH_LIBRARY_IMPL(nanoflant5_cpu, CPU, m) {
   m.impl("gated_gelu", &gated_gelu);
   m.impl("gated_gelu_backward", &gated_gelu_backward);
   m.impl("token_losses", &token_losses);
+  m.impl("seeded_dropout", &seeded_dropout);
   m.impl("token_losses_backward", &token_losses_backward);
 #ifdef INT8_ROWS
   m.impl("int8_rows", &int8_rows);

@@ -78,7 +78,10 @@ def _build() -> bool:
                                 lambda h: h.new_empty(*h.shape[:-1], h.shape[-1] // 2))
     torch.library.register_fake("nanoflant5_cpu::token_losses",
                                 lambda logits, labels, ignore: (logits.new_empty(labels.shape),) * 2)
+    torch.library.register_fake("nanoflant5_cpu::seeded_dropout", lambda x, dropped, seed: torch.empty_like(x))
     torch.library.register_autograd("nanoflant5_cpu::rms_norm", _rms_norm_backward, setup_context=_save_inputs)
+    torch.library.register_autograd("nanoflant5_cpu::seeded_dropout", _seeded_dropout_backward,
+                                    setup_context=_save_seed)
     torch.library.register_autograd("nanoflant5_cpu::token_losses", _token_losses_backward,
                                     setup_context=_save_token_losses)
     torch.library.register_autograd("nanoflant5_cpu::gated_gelu", _gated_gelu_backward, setup_context=_save_inputs)
@@ -101,6 +104,14 @@ def _rms_norm_backward(ctx, grad):
 
 def _gated_gelu_backward(ctx, grad):
     return torch.ops.nanoflant5_cpu.gated_gelu_backward(grad, *ctx.saved_tensors)
+
+
+def _save_seed(ctx, inputs, output):
+    ctx.dropped, ctx.seed = inputs[1:]
+
+
+def _seeded_dropout_backward(ctx, grad):  # the same mask, regenerated from the seed
+    return torch.ops.nanoflant5_cpu.seeded_dropout(grad, ctx.dropped, ctx.seed), None, None
 
 
 def _save_token_losses(ctx, inputs, output):

@@ -103,19 +103,25 @@ def test_merged_equals_unmerged(checkpoint):
     torch.testing.assert_close(logits_pair(merged, reference(folder))[0], unmerged, rtol=0, atol=1e-10)
 
 
-def test_dropout_is_dropout():
-    """lora.dropout (a faster mask draw than F.dropout's) drops each element with probability p (rounded to 1/65536),
-    scales the rest, and draws every element alike (each of the four that share a 64-bit draw, odd sizes)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dropout_is_dropout(dtype):
+    """lora.dropout (float32: kernels.seeded_dropout; float64: torch's generator) drops each element with probability
+    p (rounded to 1/65536), scales the rest, draws every element alike (each of the four that share a 64-bit word,
+    odd sizes), follows torch.manual_seed, and its gradient is the same mask."""
     p = round(0.3 * 65536) / 65536
-    kept = lora.dropout(torch.ones(400_003), 0.3)
-    assert kept.unique().tolist() == [0.0, torch.tensor(1 / (1 - p)).item()]
+    kept = lora.dropout(torch.ones(400_003, dtype=dtype), 0.3)
+    assert kept.dtype == dtype and kept.unique().tolist() == [0.0, torch.tensor(1 / (1 - p), dtype=dtype).item()]
     for lane in range(4):  # 4 standard errors
-        assert abs((kept[lane::4] == 0).float().mean().item() - p) < 4 * (p * (1 - p) / 100_000) ** 0.5
-    assert lora.dropout(torch.ones(3), 0.0).tolist() == [1.0, 1.0, 1.0]
-    x = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+        assert abs((kept[lane::4] == 0).double().mean().item() - p) < 4 * (p * (1 - p) / 100_000) ** 0.5
+    assert lora.dropout(torch.ones(3, dtype=dtype), 0.0).tolist() == [1.0, 1.0, 1.0]
+    torch.manual_seed(5)
+    x = torch.randn(2, 5, 7, dtype=dtype, requires_grad=True)
     y = lora.dropout(x, 0.5)
     y.backward(torch.ones_like(y))
-    torch.testing.assert_close(x.grad, (y != 0).double() / (1 - 0.5), rtol=0, atol=0)
+    torch.testing.assert_close(x.grad, (y != 0).to(dtype) / (1 - 0.5), rtol=0, atol=0)
+    torch.manual_seed(5)
+    assert torch.equal(lora.dropout(torch.randn(2, 5, 7, dtype=dtype), 0.5), y.detach())
+    assert not torch.equal(lora.dropout(x.detach(), 0.5), y.detach())  # a new draw each call
 
 
 def test_training_matches_peft_in_float64(checkpoint):
