@@ -111,7 +111,7 @@ def inputs(batch: int, length: int, seed: int = 0):
 def load_runners(folder: Path, impls):
     """name -> (generate(ids, mask, beams) -> LongTensor rows, encode(ids, mask) -> tensor or None)."""
     runners = {}
-    from nanoflant5 import T5
+    from nanoflant5 import T5, speed
 
     for name in [i for i in impls if i.startswith("nanoflant5")]:
         ours = T5.from_pretrained(folder, device=DEVICE, **MODES.get(name, dict(dtype=DTYPE)))
@@ -119,7 +119,7 @@ def load_runners(folder: Path, impls):
             lambda ids, mask, beams, new=NEW, ours=ours: ours.generate(ids, mask, max_new_tokens=new,
                                                                        min_new_tokens=new, num_beams=beams,
                                                                        compile=COMPILE),
-            lambda ids, mask, ours=ours: ours.encode(ids, mask),
+            lambda ids, mask, ours=ours: speed.encode(ours, ids, mask),  # generate()'s encoder pass
             lambda ids, mask, lengths, ours=ours: engine_run(ours, ids, mask, lengths))
     if "transformers" in impls:
         from transformers import T5ForConditionalGeneration

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .config import GenerationConfig
 from .generate import beam_steps, changes_scores, decode, decoder_steps, next_tokens, prepare, process_scores
 from .model import T5, KVCache, padding_mask
-from .speed import Speedups, fast_linears, fast_norms, output_screen
+from .speed import Speedups, encode, fast_linears, fast_norms, output_screen
 from .tokenizer import pad_rows
 
 
@@ -165,7 +165,7 @@ class Engine:
         # encode the newcomers together (padded on the right), one copy of the keys and values per row
         ids, mask = pad_rows([r.input_ids for r in new], self.cfg.pad_token_id, self.device)
         copies = torch.tensor([r.n for r in new], device=self.device)
-        encoded = self.model.encode(ids, mask)
+        encoded = encode(self.model, ids, mask)
         kv = [(k.repeat_interleave(copies, 0), v.repeat_interleave(copies, 0))
               for k, v in self.model.decoder.project(encoded)]
         self._join(kv, padding_mask(mask, encoded.dtype).repeat_interleave(copies, 0))
@@ -340,7 +340,7 @@ class Engine:
         """A beam request's own decoding, as generate() runs it, advanced one step per engine step."""
         ids = torch.tensor([request.input_ids], dtype=torch.long, device=self.device)
         mask = torch.ones_like(ids)
-        encoded = self.model.encode(ids, mask)
+        encoded = encode(self.model, ids, mask)
         g = request.g
         fast = Speedups(self.model, g, g.num_beams, encoded.dtype, compile=False, scores=True)
         step, cache = decoder_steps(self.model, encoded, mask, g.num_beams, g.new_tokens + 1, fast)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .config import GenerationConfig
 from .model import T5, KVCache, padding_mask
-from .speed import Speedups, decoding
+from .speed import Speedups, decoding, encode
 
 NEG = -1.0e9  # transformers' "impossible" beam score: added, not assigned, so the arithmetic matches
 # Steps between checks of "all rows finished?" (each check waits for the device). Decoding past the point where
@@ -169,7 +169,7 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
     compile=False: never."""
     with torch.inference_mode():
         g, attention_mask, rng = prepare(model, input_ids, attention_mask, seed, generator, kwargs)
-        encoded = model.encode(input_ids, attention_mask)
+        encoded = encode(model, input_ids, attention_mask)
         B = input_ids.shape[0]
         # copies of each input: its beams, or the sequences sampled from it (transformers repeats the input)
         copies = g.num_beams if g.num_beams > 1 else g.num_return_sequences
@@ -197,7 +197,7 @@ def stream(model: T5, input_ids, attention_mask=None, *, seed=None, generator=No
     g, attention_mask, rng = prepare(model, input_ids, attention_mask, seed, generator, kwargs)
     if g.num_beams != 1 or g.num_return_sequences != 1:
         raise ValueError("streaming supports greedy decoding and sampling with one sequence per input")
-    encoded = model.encode(input_ids, attention_mask)
+    encoded = encode(model, input_ids, attention_mask)
     with decoding(model, g, input_ids.shape[0], encoded.dtype, compile) as fast:
         step, _ = decoder_steps(model, encoded, attention_mask, 1, g.new_tokens + 1, fast)
         for rows, _ in token_steps(step, fast, input_ids.shape[0], model.config, g, rng, input_ids.device):

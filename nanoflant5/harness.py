@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 from .load import resolve
 from .model import T5
+from .speed import encode
 from .tokenizer import TOKENIZER_FILES, Tokenizer, pad_rows
 
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's, when neither the config nor the tokenizer says
@@ -103,7 +104,7 @@ class NanoFlanT5(TemplateLM):
             labels, _ = pad_rows([cont[-self.max_length:] for _, _, cont in chunk], self.tokenizer.pad_token_id,
                                  self.device)
             with torch.inference_mode():
-                encoded = self.model.encode(ids, mask)
+                encoded = encode(self.model, ids, mask)
                 logits = self.model.decode(self.model.shift_right(labels), encoded[rows], mask[rows])
                 log_probs = F.log_softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
             for (key, _, cont), row in zip(chunk, log_probs):

@@ -9,7 +9,9 @@
 // - rms_norm(x (..., D), w (D,), eps) = w * (x * rsqrt(mean(x^2) + eps)) for float32, T5's layer norm in one call
 //   (torch's rms_norm on CPU is some 20 operator calls), and rms_norm_backward, its gradients in one call;
 // - gated_gelu(h (..., 2F)) = gelu_tanh(h[..., :F]) * h[..., F:], FLAN-T5's gated feed-forward activation on the
-//   fused wi output, and gated_gelu_backward, the gradient of h in one call (training, encoder prefill).
+//   fused wi output, and gated_gelu_backward, the gradient of h in one call;
+// - token_losses(logits (N, V), labels (N,)): each row's cross-entropy, and token_losses_backward, its gradient;
+// - seeded_dropout(x, dropped, seed): dropout with the mask a function of the seed and the element's index.
 // Built on first use by nanoflant5/kernels.py (torch.utils.cpp_extension); see there for why and how much.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -22,6 +24,7 @@
 #include <cmath>
 #include <cstring>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -240,28 +243,38 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& g, const 
   return {dx, weight_grad ? partial.sum(0) : at::empty({0}, w.options())};
 }
 
-// tanh as an odd rational function of degree 13/6, exact to a few float32 ulps, clamped to +-1 past |u| = 7.9
-// (Eigen's generic_fast_tanh_float): branch-free, so the loops below vectorize.
-inline float fast_tanh(float u) {
-  const float c = 7.90531110763549805f;
-  u = u > c ? c : (u < -c ? -c : u);
-  const float u2 = u * u;
-  float p = -2.76076847742355e-16f;
-  p = p * u2 + 2.00018790482477e-13f;
-  p = p * u2 - 8.60467152213735e-11f;
-  p = p * u2 + 5.12229709037114e-08f;
-  p = p * u2 + 1.48572235717979e-05f;
-  p = p * u2 + 6.37261928875436e-04f;
-  p = p * u2 + 4.89352455891786e-03f;
-  float q = 1.19825839466702e-06f;
-  q = q * u2 + 1.18534705686654e-04f;
-  q = q * u2 + 2.26843463243900e-03f;
-  q = q * u2 + 4.89352518554385e-03f;
-  return u * p / q;
+// exp on 16 lanes (Cephes' expf: 2^n e^r with |r| <= ln 2 / 2, e^r a degree-7 polynomial; within 2 float32 ulps),
+// 0 below e^-87.3 (and for -inf), at most e^88 (callers: x - max <= 0, and a sigmoid that is 0 there anyway).
+typedef int32_t vint __attribute__((vector_size(64)));
+
+inline vfloat vexp(vfloat x) {
+  const vint low = x < -87.3f;  // e^x below float32's normal range (and -inf): 0
+  x = x < -87.3f ? -87.3f : (x > 88.0f ? 88.0f : x);  // (2^n stays finite: n <= 127)
+  const vfloat n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
+  const vfloat r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  vfloat p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const vfloat e = (p * r * r + r + 1.0f) * (vfloat)((__builtin_convertvector(n, vint) + 127) << 23);  // * 2^n
+  return low ? vfloat{} : e;
 }
 
-// gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) (Hendrycks & Gimpel 2016, transformers' gelu_new)
+// gelu_tanh(x) = 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) (Hendrycks & Gimpel 2016, transformers' gelu_new),
+// computed as x sigmoid(2u) = x / (1 + e^(-2u)) with u = sqrt(2 / pi) (x + 0.044715 x^3): the same function, without
+// 1 + tanh's cancellation for negative x. Its slope is s + 2 x s (1 - s) du/dx with s = sigmoid(2u).
 constexpr float GELU_K0 = 0.7978845608028654f, GELU_K1 = 0.044715f;
+
+template <typename T>  // vfloat (16 lanes, vexp) or float (the tail, std::exp)
+inline T gelu_exp(T x) {  // e^(-2u), so that sigmoid(2u) = 1 / (1 + e^(-2u)) and 1 - sigmoid(2u) = e^(-2u) sigmoid(2u)
+  const T u2 = (x + x * x * x * GELU_K1) * (-2.0f * GELU_K0);
+  if constexpr (std::is_same_v<T, float>) return std::exp(std::min(u2, 88.0f));  // (as vexp: finite)
+  else return vexp(u2);
+}
+
+template <typename T>
+inline T gelu_sigmoid(T x) { return 1.0f / (1.0f + gelu_exp(x)); }
 
 void check_gated(const at::Tensor& h) {
   TORCH_CHECK(h.scalar_type() == at::kFloat && h.device().is_cpu() && h.dim() >= 1 && h.size(-1) % 2 == 0,
@@ -280,17 +293,25 @@ at::Tensor gated_gelu(const at::Tensor& h) {
       const float* gate = hp + m * 2 * F;
       const float* lin = gate + F;
       float* out = yp + m * F;
-#pragma omp simd
-      for (int64_t j = 0; j < F; j++) {
-        const float x = gate[j];
-        out[j] = 0.5f * x * (1.0f + fast_tanh(GELU_K0 * (x + GELU_K1 * x * x * x))) * lin[j];
+      int64_t j = 0;
+      for (; j + L <= F; j += L) {
+        const vfloat x = load(gate + j), v = x * gelu_sigmoid(x) * load(lin + j);
+        std::memcpy(out + j, &v, sizeof v);
       }
+      for (; j < F; j++) out[j] = gate[j] * gelu_sigmoid(gate[j]) * lin[j];
     }
   });
   return y;
 }
 
 // d/d gate = g lin gelu'(gate), d/d lin = g gelu(gate), written side by side as h is laid out
+template <typename T>
+inline void gated_gelu_grads(T x, T lin, T g, T& dgate, T& dlin) {
+  const T e = gelu_exp(x), s = 1.0f / (1.0f + e);
+  dlin = g * x * s;
+  dgate = g * lin * (s + x * s * (e * s) * (2.0f * GELU_K0) * (1.0f + x * x * (3.0f * GELU_K1)));
+}
+
 at::Tensor gated_gelu_backward(const at::Tensor& g, const at::Tensor& h) {
   check_gated(h);
   const int64_t F = h.size(-1) / 2, M = F ? h.numel() / (2 * F) : 0;
@@ -307,35 +328,17 @@ at::Tensor gated_gelu_backward(const at::Tensor& g, const at::Tensor& h) {
       const float* gr = gp + m * F;
       float* dgate = dp + m * 2 * F;
       float* dlin = dgate + F;
-#pragma omp simd
-      for (int64_t j = 0; j < F; j++) {
-        const float x = gate[j];
-        const float t = fast_tanh(GELU_K0 * (x + GELU_K1 * x * x * x));
-        const float slope = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * GELU_K0 * (1.0f + 3.0f * GELU_K1 * x * x);
-        dlin[j] = gr[j] * 0.5f * x * (1.0f + t);
-        dgate[j] = gr[j] * lin[j] * slope;
+      int64_t j = 0;
+      for (; j + L <= F; j += L) {
+        vfloat dg, dl;
+        gated_gelu_grads(load(gate + j), load(lin + j), load(gr + j), dg, dl);
+        std::memcpy(dgate + j, &dg, sizeof dg);
+        std::memcpy(dlin + j, &dl, sizeof dl);
       }
+      for (; j < F; j++) gated_gelu_grads(gate[j], lin[j], gr[j], dgate[j], dlin[j]);
     }
   });
   return dh;
-}
-
-// exp on 16 lanes (Cephes' expf: 2^n e^r with |r| <= ln 2 / 2, e^r a degree-7 polynomial; within 2 float32 ulps),
-// clamped to the float32 range; e^(-inf) = 0.
-typedef int32_t vint __attribute__((vector_size(64)));
-
-inline vfloat vexp(vfloat x) {
-  const vint low = x < -87.3f;  // e^x below float32's normal range (and -inf): 0
-  x = x < -87.3f ? -87.3f : (x > 88.7f ? 88.7f : x);
-  const vfloat n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln 2)
-  const vfloat r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  vfloat p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const vfloat e = (p * r * r + r + 1.0f) * (vfloat)((__builtin_convertvector(n, vint) + 127) << 23);  // * 2^n
-  return low ? vfloat{} : e;
 }
 
 // The largest of a row's n floats.

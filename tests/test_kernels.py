@@ -259,3 +259,25 @@ def test_training_step_with_fused_layers(checkpoint, lora_targets):
     assert error(fused) <= max(4 * error(plain), 1e-6), (error(fused), error(plain))
     assert all("forward" not in m.__dict__ and "activation" not in m.__dict__
                for m in model.modules() if isinstance(m, (RMSNorm, FeedForward)))
+
+
+def test_encode_in_parts_with_fused_layers(checkpoint, monkeypatch):
+    """speed.encode (generate's encoder pass): a long batch in parts of whole rows, with fused layer norms and
+    activations, gives model.encode's rows to float32 rounding, padding included; a short batch is one part."""
+    from nanoflant5 import T5
+
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = T5.from_pretrained(folder, dtype=torch.float32).eval()
+    ids, mask = random_batch(model.config.vocab_size, [9, 4, 7, 2, 9])
+    parts = []
+    encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda i, m: parts.append(len(i)) or encode(i, m))
+    with torch.inference_mode():
+        whole = encode(ids, mask)
+        monkeypatch.setattr(S, "ENCODE_TOKENS", 18)  # 2 rows of 9 tokens a part
+        fast = S.encode(model, ids, mask)
+        assert parts == [2, 2, 1]
+        torch.testing.assert_close(fast, whole, rtol=1e-5, atol=1e-5)
+        monkeypatch.setattr(S, "ENCODE_TOKENS", 1024)
+        torch.testing.assert_close(S.encode(model, ids, mask), whole, rtol=1e-5, atol=1e-5)
+        assert parts == [2, 2, 1, 5]
