@@ -372,12 +372,14 @@ def encode(model: T5, input_ids, attention_mask=None):
     """model.encode on its fastest path, for inference (generate, stream, the engine, evaluation). On CPU, the layer
     norms and activations run fused kernels (fused_layers), and a batch of more than 2 x ENCODE_TOKENS tokens goes
     through the encoder in parts of whole rows, about ENCODE_TOKENS tokens each, so that a layer's activations stay
-    in cache: flan-t5-small, 8 x 512 tokens, 832 ms in one part, 759 in parts of 2 rows (788 in parts of 1). A row's
-    result never depends on the other rows (padding_mask), so the parts give the rows of one call, to rounding."""
+    in cache: flan-t5-small, 8 x 512 tokens, 832 ms in one part, 759 in parts of 2 rows (788 in parts of 1); w8a8
+    504 -> 411 ms. Not for bfloat16 (271 -> 304 ms: oneDNN's bfloat16 GEMMs prefer the whole batch). A row's result
+    never depends on the other rows (padding_mask), so the parts give the rows of one call, to rounding."""
     B, S = input_ids.shape
     rows = max(1, ENCODE_TOKENS // S)
     with fused_layers(model):
-        if input_ids.device.type != "cpu" or B * S <= 2 * ENCODE_TOKENS or torch.is_grad_enabled():
+        if (input_ids.device.type != "cpu" or model.shared.weight.dtype != torch.float32
+                or B * S <= 2 * ENCODE_TOKENS or torch.is_grad_enabled()):
             return model.encode(input_ids, attention_mask)
         return torch.cat([model.encode(input_ids[i:i + rows], None if attention_mask is None else
                                        attention_mask[i:i + rows]) for i in range(0, B, rows)])
