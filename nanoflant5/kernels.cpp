@@ -200,8 +200,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
 }
 
 // rms_norm's gradients for the output's gradient g: with r = rsqrt(mean(x^2) + eps), d/dx = r g w - x r^3 mean(g w x)
-// and d/dw = the sum over rows of g x r (only when weight_grad: a frozen norm skips it). Each thread sums its own rows'
-// d/dw, the partial sums then added in a fixed order.
+// and d/dw = the sum over rows of g x r (only when weight_grad: a frozen norm skips it). The rows go in parts, 4 a
+// thread; each part sums its rows' d/dw, and the parts' sums are added in order.
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& g, const at::Tensor& x, const at::Tensor& w,
                                                      double eps, bool weight_grad) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && g.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
@@ -211,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& g, const 
   at::Tensor xc = x.contiguous(), gc = g.contiguous();
   at::Tensor dx = at::empty(x.sizes(), x.options());
   const int64_t M = xc.numel() / D;
-  const int64_t parts = weight_grad ? std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), M)) : 1;
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(4 * at::get_num_threads(), M));  // of the rows
   const int64_t per = (M + parts - 1) / parts;  // rows per part
   at::Tensor partial = at::zeros({weight_grad ? parts : 0, D}, w.options());
   const float* xp = xc.data_ptr<float>();
