@@ -81,21 +81,27 @@ def _build() -> bool:
     torch.library.register_fake("nanoflant5_cpu::token_losses",
                                 lambda logits, labels, ignore: (logits.new_empty(labels.shape),) * 2)
     torch.library.register_fake("nanoflant5_cpu::seeded_dropout", lambda x, dropped, seed: torch.empty_like(x))
-    torch.library.register_autograd("nanoflant5_cpu::rms_norm", _rms_norm_backward, setup_context=_save_inputs)
+    torch.library.register_autograd("nanoflant5_cpu::rms_norm", _rms_norm_backward,
+                                    setup_context=_save_norm_inputs)
     torch.library.register_autograd("nanoflant5_cpu::seeded_dropout", _seeded_dropout_backward,
                                     setup_context=_save_seed)
     torch.library.register_autograd("nanoflant5_cpu::token_losses", _token_losses_backward,
                                     setup_context=_save_token_losses)
-    torch.library.register_autograd("nanoflant5_cpu::gated_gelu", _gated_gelu_backward, setup_context=_save_inputs)
+    torch.library.register_autograd("nanoflant5_cpu::gated_gelu", _gated_gelu_backward,
+                                    setup_context=_save_gated_input)
     if hasattr(torch.ops.nanoflant5_cpu, "int8_rows"):
         torch.library.register_fake("nanoflant5_cpu::int8_rows",
                                     lambda x, weight: x.new_empty(x.shape[0], weight.shape[0], dtype=torch.int32))
     return True
 
 
-def _save_inputs(ctx, inputs, output):
-    ctx.save_for_backward(*(t for t in inputs if torch.is_tensor(t)))
-    ctx.eps = inputs[-1]  # rms_norm's (unused by gated_gelu)
+def _save_norm_inputs(ctx, inputs, output):
+    x, weight, ctx.eps = inputs
+    ctx.save_for_backward(x, weight)
+
+
+def _save_gated_input(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
 
 
 def _rms_norm_backward(ctx, grad):
