@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .config import GenerationConfig
 from .generate import beam_steps, changes_scores, decode, decoder_steps, next_tokens, prepare, process_scores
 from .model import T5, KVCache, padding_mask
-from .speed import Speedups, encode, fast_linears, fast_norms, output_screen
+from .speed import Speedups, encode, fast_attention, fast_linears, fast_norms, output_screen
 from .tokenizer import pad_rows
 
 
@@ -210,7 +210,7 @@ class Engine:
         # greedy requests only, no log-probabilities asked for: the output layer through the int8 screen
         screen = None if any(r.g.do_sample or r.logprobs is not None for r in self.running) else self.screen(N)
         with fast_linears(self.model, N, self.max_new_tokens, output_layer=screen is None, packing=False), \
-                fast_norms(self.model):
+                fast_norms(self.model), fast_attention(self.model):
             hidden = decode(self.model, self.last, bias, self.cross_kv, self.cross_mask, self.cache.rows(N), pos)
             if screen is None:
                 logits = self.model.logits(hidden).float()  # (N, vocab)

@@ -1,5 +1,7 @@
 // CPU kernels for decoding a few rows at a time, each reading the weight once, in order, with software prefetch:
 // - rows_linear(x (..., K), w (N, K)) = x @ w.T for float32 x of 1-4 rows;
+// - panel_linear(x (..., K), packed w, N) = x @ w.T for float32 x of 5-64 rows, w packed in panels of 64 columns;
+// - decode_attention(q, k, v, bias, rows): attention of a decoding step's few queries a row;
 // - int8_linear(x (..., K), w (N, K), scale (N,)) = x @ (scale[:, None] * w).T for float32 x of any rows and int8 w
 //   (weight-only int8, quantize.py), each weight block read once and multiplied with 4 rows of x at a time;
 // - int8_rows(x (M, K), w (N, K)) = x @ w.T exactly in int32 for int8 x of 1-8 rows and int8 w (the greedy output
@@ -23,6 +25,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -102,6 +105,85 @@ at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& w) {
     case 4: rows<4>(xp, wp, yp, K, N); break;
     default: TORCH_CHECK(false, "rows_linear: 1-4 rows expected, got ", x2.size(0));
   }
+  return y;
+}
+
+// panel_linear: x @ w.T for 5-64 rows of float32 x, with w packed ahead in panels of 64 output columns
+// (speed.pack_panels: (ceil(N / 64), K, 64), a panel's weights k by k, zeros past N). Each panel is computed by
+// blocks of up to 6 rows: 24 accumulators in registers, each step over k loading the panel's 4 vectors of weights once
+// and broadcasting each row's x[r, k] against them (the register-blocked GEMM micro-kernel of Goto & van de Geijn
+// 2008, "Anatomy of high-performance matrix multiplication"), with no sums across lanes. k goes in chunks: while a
+// chunk is multiplied with every block of rows, the blocks take turns fetching the weights further on, so that
+// reading the panel (one stream) and the arithmetic overlap. Each output is one sum over k in order, so results differ
+// from MKL's in the last bits, as MKL's own kernels do from one another.
+constexpr int64_t PANEL = 64;  // output columns a panel: 4 vectors
+constexpr int ROWS6 = 6;       // rows a block (6 x 4 accumulators + 4 weight vectors: 28 of AVX-512's 32 registers)
+constexpr int64_t KC = 64;     // k a chunk (16 KB of a panel)
+constexpr int64_t AHEAD_K = 64;  // weights fetched this far ahead in k
+
+template <int R>
+inline void panel_block(const float* x, int64_t K, const float* w, float* acc_buf, int64_t k0, int64_t k1,
+                        int64_t fetch_k, int64_t fetch_step) {
+  constexpr int NV = PANEL / L;
+  vfloat acc[R][NV];
+  for (int r = 0; r < R; r++)
+    for (int j = 0; j < NV; j++) acc[r][j] = k0 == 0 ? vfloat{} : load(acc_buf + r * PANEL + j * L);
+  for (int64_t k = k0; k < k1; k++) {
+    vfloat wv[NV];
+    for (int j = 0; j < NV; j++) wv[j] = load(w + k * PANEL + j * L);
+    if (k == fetch_k) {  // this block's share of the weights ahead (past K: the next panel's, which follow)
+      for (int j = 0; j < NV; j++) __builtin_prefetch(w + (k + AHEAD_K) * PANEL + j * L);
+      fetch_k += fetch_step;
+    }
+    for (int r = 0; r < R; r++) {
+      const float xr = x[r * K + k];
+      for (int j = 0; j < NV; j++) acc[r][j] += xr * wv[j];
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int j = 0; j < NV; j++) std::memcpy(acc_buf + r * PANEL + j * L, &acc[r][j], sizeof(vfloat));
+}
+
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && packed.scalar_type() == at::kFloat && x.device().is_cpu() &&
+              packed.device().is_cpu(), "panel_linear: float32 CPU tensors expected");
+  const int64_t K = packed.size(1), panels = packed.size(0);
+  TORCH_CHECK(packed.dim() == 3 && packed.size(2) == PANEL && packed.is_contiguous() && x.size(-1) == K && N > 0 &&
+              (N + PANEL - 1) / PANEL == panels, "panel_linear: x (..., K) and a weight packed by pack_panels expected");
+  at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  at::Tensor y = linear_output(x, N);
+  const int64_t M = x2.size(0);
+  if (M == 0) return y;
+  const float* xp = x2.data_ptr<float>();
+  const float* wp = packed.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  // rows in blocks of at most 6, as even as can be (32 rows: 6, 6, 5, 5, 5, 5)
+  const int64_t blocks = (M + ROWS6 - 1) / ROWS6, size = M / blocks, larger = M % blocks;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> acc(M * PANEL);  // the panel's outputs for all rows, summed chunk by chunk
+    for (int64_t p = p0; p < p1; p++) {
+      const float* w = wp + p * K * PANEL;
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t k1 = std::min(K, k0 + KC);
+        for (int64_t b = 0, r0 = 0; b < blocks; b++) {
+          const int64_t r = size + (b < larger);
+          const float* xr = xp + r0 * K;
+          float* ar = acc.data() + r0 * PANEL;
+          switch (r) {
+            case 1: panel_block<1>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
+            case 2: panel_block<2>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
+            case 3: panel_block<3>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
+            case 4: panel_block<4>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
+            case 5: panel_block<5>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
+            default: panel_block<6>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
+          }
+          r0 += r;
+        }
+      }
+      const int64_t n0 = p * PANEL, cols = std::min(PANEL, N - n0);
+      for (int64_t m = 0; m < M; m++) std::memcpy(yp + m * N + n0, acc.data() + m * PANEL, cols * sizeof(float));
+    }
+  });
   return y;
 }
 
@@ -416,6 +498,135 @@ at::Tensor token_losses_backward(const at::Tensor& g, const at::Tensor& logits, 
   return dx;
 }
 
+// Attention of a few queries a row, as a decoding step has (one token a row; beam search's cross-attention: the beams
+// of an input as queries of one row): out[b, h, m] = softmax(q[b, h, m] . k[r, h, s] + bias[b, h, m, s] over s) v[r, h, s]
+// with r = b, or r = rows[s, b] where given (beam search's self-attention: row b's history lies in other rows of the
+// cache), so the gather of the history is no copy. No 1/sqrt(d) scaling (T5's). Any strides, the last dimension's 1;
+// the bias broadcast (size 1: stride 0). torch's SDPA spends most of such a call on per-(b, h) set-up (flan-t5-base,
+// 32 rows: ~1 ms a call); here each (b, h) is one pass over its keys (dot products, bias), a softmax over the scores
+// (vexp; two passes, in float32) and one pass over its values, the (b, h) pairs split between threads. The output is
+// (B, M, H, D) in memory (returned as its (B, H, M, D) view), which the caller's transpose and reshape read as is.
+constexpr int64_t AHEAD_KEYS = 8;  // keys fetched ahead (8: ~5% faster than none for the cache and the encoder output)
+
+template <int C>  // C chunks of 16 lanes: D = 16 C
+void attend_rows(const float* qp, const float* kp, const float* vp, const float* bp, const int64_t* rp, float* op,
+                 int64_t B, int64_t H, int64_t M, int64_t S, const int64_t* qs, const int64_t* ks, const int64_t* vs,
+                 const int64_t* bs, const int64_t* rs) {
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(M * S);
+    for (int64_t i = i0; i < i1; i++) {
+      const int64_t b = i / H, h = i % H;
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t mn = std::min<int64_t>(4, M - m0);
+        vfloat q[4][C];
+        for (int64_t m = 0; m < mn; m++)
+          for (int c = 0; c < C; c++) q[m][c] = load(qp + b * qs[0] + h * qs[1] + (m0 + m) * qs[2] + c * L);
+        for (int64_t s = 0; s < S; s++) {
+          const int64_t r = rp ? rp[s * rs[0] + b * rs[1]] : b;
+          const float* key = kp + r * ks[0] + h * ks[1] + s * ks[2];
+          if (s + AHEAD_KEYS < S) {  // keys lie apart (the cache's rows, the encoder's positions): fetched ahead
+            const int64_t ra = rp ? rp[(s + AHEAD_KEYS) * rs[0] + b * rs[1]] : b;
+            for (int c = 0; c < C; c++) __builtin_prefetch(kp + ra * ks[0] + h * ks[1] + (s + AHEAD_KEYS) * ks[2] + c * L);
+          }
+          vfloat kc[C];
+          for (int c = 0; c < C; c++) kc[c] = load(key + c * L);
+          for (int64_t m = 0; m < mn; m++) {
+            vfloat acc = q[m][0] * kc[0];
+            for (int c = 1; c < C; c++) acc += q[m][c] * kc[c];
+            p[(m0 + m) * S + s] = lanes_sum(acc) + bp[b * bs[0] + h * bs[1] + (m0 + m) * bs[2] + s];
+          }
+        }
+        float inv[4];
+        for (int64_t m = 0; m < mn; m++) {  // softmax's numerators and 1 / their sum
+          float* row = p.data() + (m0 + m) * S;
+          const float mx = row_max(row, S);
+          vfloat acc = {};
+          int64_t s = 0;
+          for (; s + L <= S; s += L) {
+            const vfloat e = vexp(load(row + s) - mx);
+            std::memcpy(row + s, &e, sizeof e);
+            acc += e;
+          }
+          float sum = lanes_sum(acc);
+          for (; s < S; s++) sum += (row[s] = std::exp(row[s] - mx));
+          inv[m] = 1.0f / sum;
+        }
+        vfloat out[4][C] = {};
+        for (int64_t s = 0; s < S; s++) {
+          const int64_t r = rp ? rp[s * rs[0] + b * rs[1]] : b;
+          const float* value = vp + r * vs[0] + h * vs[1] + s * vs[2];
+          if (s + AHEAD_KEYS < S) {
+            const int64_t ra = rp ? rp[(s + AHEAD_KEYS) * rs[0] + b * rs[1]] : b;
+            for (int c = 0; c < C; c++) __builtin_prefetch(vp + ra * vs[0] + h * vs[1] + (s + AHEAD_KEYS) * vs[2] + c * L);
+          }
+          vfloat vc[C];
+          for (int c = 0; c < C; c++) vc[c] = load(value + c * L);
+          for (int64_t m = 0; m < mn; m++) {
+            const float w = p[(m0 + m) * S + s];
+            for (int c = 0; c < C; c++) out[m][c] += w * vc[c];
+          }
+        }
+        for (int64_t m = 0; m < mn; m++)
+          for (int c = 0; c < C; c++) {
+            const vfloat o = out[m][c] * inv[m];
+            std::memcpy(op + ((b * M + m0 + m) * H + h) * (C * L) + c * L, &o, sizeof o);
+          }
+      }
+    }
+  });
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+                            const std::optional<at::Tensor>& rows) {
+  const bool floats = q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
+                      v.scalar_type() == at::kFloat && bias.scalar_type() == at::kFloat;
+  TORCH_CHECK(floats && q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() && bias.device().is_cpu() &&
+              q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && bias.dim() == 4,
+              "decode_attention: float32 CPU tensors q (B, H, M, D), k and v (B, H, S, D), bias (B, H, M, S) expected");
+  const int64_t B = q.size(0), H = q.size(1), M = q.size(2), D = q.size(3), S = k.size(2);
+  TORCH_CHECK(k.size(1) == H && k.size(3) == D && v.sizes() == k.sizes() && D % L == 0 && D <= 8 * L && S > 0 &&
+              q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: shapes or strides not taken");
+  const int64_t want[4] = {B, H, M, S};
+  int64_t bs[4];
+  for (int d = 0; d < 4; d++) {
+    TORCH_CHECK(bias.size(d) == want[d] || bias.size(d) == 1, "decode_attention: bias does not broadcast");
+    bs[d] = bias.size(d) == 1 ? 0 : bias.stride(d);
+  }
+  TORCH_CHECK(bs[3] == 1 || S == 1, "decode_attention: the bias's last dimension must be contiguous");
+  int64_t rs[2] = {0, 0};
+  const int64_t* rp = nullptr;
+  if (rows.has_value()) {
+    const at::Tensor& r = *rows;
+    TORCH_CHECK(r.scalar_type() == at::kLong && r.dim() == 2 && r.size(0) == S && r.size(1) == B,
+                "decode_attention: rows (S, B) of int64 expected");
+    rp = r.data_ptr<int64_t>(), rs[0] = r.stride(0), rs[1] = r.stride(1);
+    for (int64_t s = 0; s < S; s++)
+      for (int64_t b = 0; b < B; b++)
+        TORCH_CHECK(rp[s * rs[0] + b * rs[1]] >= 0 && rp[s * rs[0] + b * rs[1]] < k.size(0),
+                    "decode_attention: a row index out of range");
+  } else {
+    TORCH_CHECK(k.size(0) == B, "decode_attention: k and v must have q's rows");
+  }
+  at::Tensor out = at::empty({B, M, H, D}, q.options());
+  const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)}, ks[3] = {k.stride(0), k.stride(1), k.stride(2)},
+                vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
+  auto run = [&](auto kernel) {
+    kernel(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), bias.data_ptr<float>(), rp,
+           out.data_ptr<float>(), B, H, M, S, qs, ks, vs, bs, rs);
+  };
+  switch (D / L) {
+    case 1: run(attend_rows<1>); break;
+    case 2: run(attend_rows<2>); break;
+    case 3: run(attend_rows<3>); break;
+    case 4: run(attend_rows<4>); break;
+    case 5: run(attend_rows<5>); break;
+    case 6: run(attend_rows<6>); break;
+    case 7: run(attend_rows<7>); break;
+    default: run(attend_rows<8>); break;
+  }
+  return out.transpose(1, 2);
+}
+
 // Dropout whose mask is a function of (seed, element index): 16 bits an element from SplitMix64's output function
 // (Steele, Lea & Flood 2014, "Fast splittable pseudorandom number generators"; the generator passes BigCrush) of
 // seed + k * golden ratio, four elements to a 64-bit word. An element is dropped when its bits are below `dropped`
@@ -600,6 +811,7 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 
 TORCH_LIBRARY(nanoflant5_cpu, m) {
   m.def("rows_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("panel_linear(Tensor x, Tensor packed, int N) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("w8a8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -607,6 +819,7 @@ TORCH_LIBRARY(nanoflant5_cpu, m) {
   m.def("gated_gelu(Tensor h) -> Tensor");
   m.def("gated_gelu_backward(Tensor grad, Tensor h) -> Tensor");
   m.def("seeded_dropout(Tensor x, int dropped, int seed) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor bias, Tensor? rows) -> Tensor");
   m.def("token_losses(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)");
   m.def("token_losses_backward(Tensor grad, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor");
 #ifdef INT8_ROWS
@@ -616,6 +829,7 @@ TORCH_LIBRARY(nanoflant5_cpu, m) {
 
 TORCH_LIBRARY_IMPL(nanoflant5_cpu, CPU, m) {
   m.impl("rows_linear", &rows_linear);
+  m.impl("panel_linear", &panel_linear);
   m.impl("int8_linear", &int8_linear);
   m.impl("w8a8_linear", &w8a8_linear);
   m.impl("rms_norm", &rms_norm);
@@ -624,6 +838,7 @@ TORCH_LIBRARY_IMPL(nanoflant5_cpu, CPU, m) {
   m.impl("gated_gelu_backward", &gated_gelu_backward);
   m.impl("token_losses", &token_losses);
   m.impl("seeded_dropout", &seeded_dropout);
+  m.impl("decode_attention", &decode_attention);
   m.impl("token_losses_backward", &token_losses_backward);
 #ifdef INT8_ROWS
   m.impl("int8_rows", &int8_rows);

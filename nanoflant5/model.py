@@ -154,13 +154,20 @@ class SelfAttention(nn.Module):
                 cache[pos:pos + T] = qkv[:, :, 1:].transpose(0, 1)  # (T, B, 2, H, D)
                 kv = cache[:pos + T]
             q = qkv[:, :, 0].transpose(1, 2)  # (B, H, T, D)
-            if index is not None:  # gather each row's own history
-                kv = kv.flatten(0, 1).index_select(0, index[:pos + T].flatten()).view(kv.shape)
-            k, v = kv.permute(2, 1, 3, 0, 4)  # 2 x (B, H, pos+T, D), strided views
+            y = self.attend_cache(q, kv, bias, None if index is None else index[:len(kv)])
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
-        y = attention(q, k, v, bias, self.dropout if self.training else 0.0)  # (B, H, T, D)
+            y = attention(q, k, v, bias, self.dropout if self.training else 0.0)  # (B, H, T, D)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+    def attend_cache(self, q, kv, bias, index=None):
+        """Attention of q (B, H, T, D) over the cached keys and values kv (S, B, 2, H, D); index (S, B): where each
+        row's history lies in kv.flatten(0, 1) (KVCache.index), else row b's at (s, b). (speed.fast_attention runs
+        a kernel in its place.)"""
+        if index is not None:  # gather each row's own history
+            kv = kv.flatten(0, 1).index_select(0, index.flatten()).view(kv.shape)
+        k, v = kv.permute(2, 1, 3, 0, 4)  # 2 x (B, H, S, D), strided views
+        return attention(q, k, v, bias, self.dropout if self.training else 0.0)
 
 
 class CrossAttention(nn.Module):
@@ -186,8 +193,11 @@ class CrossAttention(nn.Module):
         G = B // k.shape[0]
         assert G * k.shape[0] == B, "the batch must hold the same number of copies of every input"
         q = self.q(x).view(B // G, G * T, self.n_heads, self.d_kv).transpose(1, 2)  # (B/G, H, G*T, D)
-        y = attention(q, k, v, mask, self.dropout if self.training else 0.0)
-        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o(self.attend(q, k, v, mask).transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q, k, v, mask):
+        """(speed.fast_attention runs a kernel in its place.)"""
+        return attention(q, k, v, mask, self.dropout if self.training else 0.0)
 
 
 class FeedForward(nn.Module):
@@ -310,8 +320,10 @@ class Decoder(nn.Module):
         return bias.masked_fill(future, torch.finfo(bias.dtype).min)
 
     def project(self, encoded):
-        """Every layer's cross-attention keys and values for the encoder output."""
-        return [block.cross.project(encoded) for block in self.blocks]
+        """Every layer's cross-attention keys and values for the encoder output, each (B, H, S, D) contiguous, so that
+        a decoding step reads each row's and head's keys as one stream (~1.4x faster attention where it is
+        memory-bound: flan-t5-base, 32 rows of 64 tokens)."""
+        return [tuple(x.contiguous() for x in block.cross.project(encoded)) for block in self.blocks]
 
     def forward(self, x, bias, memory, cross_mask, cache=None, pos=0):
         """x: embedded decoder input (B, T, d_model) at positions pos..pos+T-1 (or, T = 1, at per-row positions pos,

@@ -3,8 +3,9 @@ generate.py makes a Speedups for each call (`decoding`) and asks it for the step
 (`greedy`), beam search's candidates (`top_k`) and the compiled step (`compiled`). What it does:
 
 - faster kernels for a decoding step's linear layers on CPU (fast_linears): nanoflant5's own for 1-4 rows
-  of float32 (kernels.py), else packed GEMMs (MKL's or oneDNN's, whichever measures fastest on the CPU at hand),
-  with packed copies kept between compiled calls;
+  of float32 (kernels.py), else packed GEMMs (nanoflant5's panel_linear, MKL's or oneDNN's, whichever measures
+  fastest on the CPU at hand), with packed copies kept between compiled calls;
+- the decoder's layer norms and attention through kernels in eager decoding (fast_norms, fast_attention);
 - greedy decoding's output layer read as int8 (OutputScreen), which still picks the full layer's token;
 - argmax and top-k by blocks of the vocabulary on CPU (argmax, top_k), exactly torch's results;
 - torch.compile of the decoding step, with an eager fallback (compiled_step).
@@ -90,7 +91,7 @@ def decoding(model: T5, g: GenerationConfig, rows: int, dtype: torch.dtype, comp
     fast = Speedups(model, g, rows, dtype, compile, scores)
     start = time.perf_counter()
     with fast_linears(model, rows, g.new_tokens, output_layer=fast.screen is None, keep=compile), \
-            fast_norms(model, compile):
+            fast_norms(model, compile), fast_attention(model, compile):
         last_path += " + int8 screen" * (fast.screen is not None) + " + compiled" * compile
         yield fast
     if not compile:
@@ -208,15 +209,26 @@ def compiled_step(step, device, on_compiled=None):
 
 
 class Packer(NamedTuple):
-    """A library's GEMM on copies of the weights laid out ahead for a row count."""
+    """A GEMM on copies of the weights laid out ahead for a row count."""
     pack: Callable  # (weight, rows) -> the packed copy
     run: Callable  # (x, packed copy, weight, rows) -> F.linear(x, weight)
     dtypes: tuple  # the weight dtypes it takes
+    ready: Callable = lambda: True  # whether it can run here
 
 
-# Which packed GEMM is fastest depends on the CPU and the rows (on an Intel Xeon, MKL's for most float32 shapes at
-# 4-64 rows; on AMD EPYC (Zen 4) MKL takes slow paths and oneDNN's measured ~3x faster (issue 20); bfloat16 only
-# oneDNN, on AMX where the CPU has it), so it is measured on the CPU at hand on first use (choose_packer).
+def pack_panels(w, rows: int = 0):
+    """w (N, K) as kernels.panel_linear reads it, for any number of rows: (ceil(N / 64), K, 64), each panel's 64
+    output columns' weights k by k, zeros past N."""
+    N, K = w.shape
+    panels = -(-N // 64)
+    if N % 64:
+        w = torch.cat([w, w.new_zeros(panels * 64 - N, K)])
+    return w.reshape(panels, 64, K).transpose(1, 2).contiguous()
+
+
+# Which packed GEMM is fastest depends on the CPU and the rows (on AMD EPYC (Zen 4) MKL takes slow paths and oneDNN's
+# measured ~3x faster than it (issue 20); bfloat16 only oneDNN, on AMX where the CPU has it), so it is measured on the
+# CPU at hand on first use (choose_packer). "panels" is nanoflant5's own (kernels.panel_linear, float32).
 PACKERS: dict[str, Packer] = {}
 if torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
     PACKERS["mkl"] = Packer(lambda w, rows: torch.ops.mkl._mkl_reorder_linear_weight(w, rows),
@@ -227,31 +239,37 @@ if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_p
                                lambda x, packed, w, rows: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none",
                                                                                              [], ""),
                                (torch.float32,) + (torch.bfloat16,) * torch.ops.mkldnn._is_mkldnn_bf16_supported())
-PACKING = bool(PACKERS)  # tests switch packing off to compare with plain F.linear
+PACKERS["panels"] = Packer(pack_panels, lambda x, packed, w, rows: torch.ops.nanoflant5_cpu.panel_linear(
+    x, packed, w.shape[0]), (torch.float32,), lambda: KERNELS and kernels.available())
+PACKING = True  # tests switch packing off to compare with plain F.linear
 last_path = ""  # what the last fast_linears block ran the linears on (the bench prints it)
 PACKER = None  # None: the measured choice; a name of PACKERS: that one wherever it takes the weight (tests)
-MEASURE_ROWS = 4096
-_CHOSEN: dict[tuple, str | None] = {}  # (weight shape, dtype, rows) -> the name of the fastest packer, or None
+MEASURE_BYTES = 2 ** 25  # choose_packer's weights
+_CHOSEN: dict[tuple, str | None] = {}  # (dtype, rows) -> the name of the fastest packer, or None
 
 
 def choose_packer(weight, rows: int):
-    """The name of the fastest packed GEMM for `rows` rows times a weight of this shape and dtype, or None where
-    F.linear is as fast. Measured on first use for each shape, dtype and row count (on a random weight of that shape,
-    at most MEASURE_ROWS of its rows: the output layer's 32128 would take longer to pack than the rest; each
-    candidate's best of 3 runs after a warm-up) and remembered for the process."""
-    candidates = [name for name, p in PACKERS.items() if weight.dtype in p.dtypes]
+    """The name of the fastest packed GEMM for `rows` rows times weights of this dtype, or None where F.linear is as
+    fast. Measured on first use for each dtype and row count, as a decoding step runs them: each candidate over
+    MEASURE_BYTES of random (1024, 1024) weights, more than the caches near a core hold, so they stream from farther
+    away (best of 3 passes after a warm-up; ~0.1 s), and remembered for the process. On this project's Xeon the
+    ranking held for every shape of flan-t5-small's and -base's decoder; measuring one weight in cache instead
+    favoured MKL by 5-8%, while in decoding panel_linear is 1.2-1.4x faster than MKL at 8-32 rows."""
+    candidates = [name for name, p in PACKERS.items() if weight.dtype in p.dtypes and p.ready()]
     if PACKER is not None or not candidates:
         return PACKER if PACKER in candidates else None
-    key = (tuple(weight.shape), weight.dtype, rows)
+    key = (weight.dtype, rows)
     if key not in _CHOSEN:
         gen = torch.Generator().manual_seed(0)
-        w = torch.randn(min(weight.shape[0], MEASURE_ROWS), weight.shape[1], generator=gen).to(weight.dtype)
-        x = torch.randn(rows, weight.shape[1], generator=gen).to(weight.dtype)
-        times = {None: best_time(lambda: F.linear(x, w))}
+        ws = [torch.randn(1024, 1024, generator=gen).to(weight.dtype)
+              for _ in range(max(1, MEASURE_BYTES // (2 ** 20 * weight.element_size())))]
+        x = torch.randn(rows, 1024, generator=gen).to(weight.dtype)
+        times = {None: best_time(lambda: [F.linear(x, w) for w in ws])}
         for name in candidates:
             packer = PACKERS[name]
-            packed = packer.pack(w, rows)
-            times[name] = best_time(lambda: packer.run(x, packed, w, rows))
+            packed = [packer.pack(w, rows) for w in ws]
+            times[name] = best_time(lambda: [packer.run(x, p, w, rows) for p, w in zip(packed, ws)])
+            del packed
         _CHOSEN[key] = min(times, key=times.get)
     return _CHOSEN[key]
 
@@ -275,10 +293,11 @@ def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, ke
     - 1-4 rows of float32: kernels.rows_linear (built on first use; see kernels.py), which reads each weight once a
       step, in order, with software prefetch. Compiled generations, against MKL's matrix-vector product (1 row) and
       packed GEMM (4 rows): flan-t5-small greedy b1 1.02x, beam4 b1 1.19x faster; flan-t5-base 1.05x and 1.22x.
-    - Otherwise (1-64 rows): a packed GEMM (PACKERS: MKL's, oneDNN's) on copies of the weights laid out for `rows`
-      rows, for each layer whose shape measured faster that way than F.linear (choose_packer). For 4 to 64 rows of
-      float32 MKL's packed GEMM makes whole generations 1.1-1.3x faster on an Intel Xeon (1-3 rows: no faster; 128:
-      1.01x); packing costs about two steps, which does not pay for short generations. The copies (~1.35x those
+    - Otherwise (1-64 rows): a packed GEMM (PACKERS: nanoflant5's panel_linear, MKL's, oneDNN's) on copies of the
+      weights laid out ahead, the one that measured fastest for the row count and dtype (choose_packer), or F.linear
+      where none is faster. For 4 to 64 rows of float32 MKL's packed GEMM made whole generations 1.1-1.3x faster
+      than F.linear on an Intel Xeon, and panel_linear 1.10-1.15x faster than MKL's (8-32 rows, flan-t5-small and
+      -base); packing costs about two steps, which does not pay for short generations. The copies (~1.35x those
       weights' memory) are made on entry and dropped on exit, unless keep=True (compiled decoding, which keeps its
       graphs too) and they take at most KEEP_BYTES (flan-t5-base's: 0.67 GB): then they stay with the layers for
       the next call with the same row count, which uses them only if the weights still have the fingerprints they
@@ -338,6 +357,48 @@ def fast_norms(model: T5, compile: bool = False):
         return
     with forwards(norms, _NORM_FORWARDS, partial(torch.ops.nanoflant5_cpu.rms_norm, eps=norms[0].eps)):
         yield
+
+
+@contextmanager
+def fast_attention(model: T5, compile: bool = False):
+    """Inside the block, the decoder's self- and cross-attention run kernels.decode_attention: eager float32 on CPU
+    (a compiled step fuses attention itself). torch's SDPA spends most of a decoding step's call (one query a row)
+    on per-(row, head) set-up: flan-t5-base, 32 rows, 64 keys, 12 heads: 591 against 382 us (both memory-bound
+    there), flan-t5-small 8 rows 52 against 29 us; and beam search's gather of each row's history is no copy."""
+    if compile or not KERNELS or model.shared.weight.device.type != "cpu" or not kernels.available():
+        yield
+        return
+    blocks = model.decoder.blocks
+    try:
+        for block in blocks:
+            block.attn.attend_cache = partial(_attend_cache, block.attn)
+            block.cross.attend = partial(_attend, block.cross)
+        yield
+    finally:
+        for block in blocks:
+            block.attn.__dict__.pop("attend_cache", None)
+            block.cross.__dict__.pop("attend", None)
+
+
+def _kernel_takes(q, k) -> bool:
+    """Whether kernels.decode_attention takes these queries (B, H, M, D) and keys (its checks, and a few queries)."""
+    return (q.dtype == k.dtype == torch.float32 and q.device.type == "cpu" and q.shape[2] <= 16
+            and not q.shape[3] % 16 and q.shape[3] <= 128 and q.stride(3) == 1 and k.stride(3) == 1)
+
+
+def _attend_cache(attn, q, kv, bias, index=None):
+    k, v = kv.permute(2, 1, 3, 0, 4)  # 2 x (B, H, S, D), strided views
+    if attn.training or bias is None or bias.dtype != torch.float32 or not _kernel_takes(q, k):
+        return type(attn).attend_cache(attn, q, kv, bias, index)
+    # KVCache.index holds flat (position, row) slots: position s's are s * rows + the row
+    rows = None if index is None else index.remainder(kv.shape[1])
+    return torch.ops.nanoflant5_cpu.decode_attention(q, k, v, bias, rows)
+
+
+def _attend(cross, q, k, v, mask):
+    if cross.training or mask is None or mask.dtype != torch.float32 or not _kernel_takes(q, k):
+        return type(cross).attend(cross, q, k, v, mask)
+    return torch.ops.nanoflant5_cpu.decode_attention(q, k, v, mask, None)
 
 
 @contextmanager

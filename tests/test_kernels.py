@@ -41,6 +41,66 @@ def test_rows_linear_is_the_linear(rows):
         torch.ops.nanoflant5_cpu.rows_linear(torch.randn(1, 16, dtype=torch.float64), torch.randn(3, 16))
 
 
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 13, 32, 64, 70])
+def test_panel_linear_is_the_linear(rows):
+    """panel_linear on weights packed by speed.pack_panels: every block size of rows (1-6, uneven splits), columns
+    that are not a multiple of the 64 a panel holds, any width, 3-D and strided inputs: the float64 product to float32
+    rounding (|error| <= K * 2^-24 * sum of |x_k w_k|, with room), the same every call."""
+    gen = torch.Generator().manual_seed(rows)
+    for K, N in [(1, 1), (24, 100), (512, 1152), (768, 130)]:
+        w = torch.randn(N, K, generator=gen)
+        packed = S.pack_panels(w)
+        assert packed.shape == (-(-N // 64), K, 64)
+        x = torch.randn(rows, 1, 2 * K, generator=gen)[..., ::2]  # (rows, 1, K), not contiguous
+        y = torch.ops.nanoflant5_cpu.panel_linear(x, packed, N)
+        assert y.shape == (rows, 1, N) and y.dtype == torch.float32
+        exact = F.linear(x.double(), w.double())
+        bound = K * 2.0 ** -24 * F.linear(x.double().abs(), w.double().abs())
+        assert ((y.double() - exact).abs() <= 2 * bound + 1e-30).all(), (K, N)
+        assert torch.equal(torch.ops.nanoflant5_cpu.panel_linear(x, packed, N), y)
+    assert torch.ops.nanoflant5_cpu.panel_linear(torch.randn(0, 16), S.pack_panels(torch.randn(3, 16)), 3).shape == (0, 3)
+    with pytest.raises(RuntimeError, match="packed by pack_panels"):
+        torch.ops.nanoflant5_cpu.panel_linear(torch.randn(2, 16), S.pack_panels(torch.randn(3, 16)), 65)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.nanoflant5_cpu.panel_linear(torch.randn(2, 16, dtype=torch.float64), S.pack_panels(torch.randn(3, 16)), 3)
+
+
+@pytest.mark.parametrize("D", [16, 64, 128])
+def test_decode_attention_is_attention(D):
+    """decode_attention against SDPA in float64, within 2x torch's own float32 error: the decoder's self-attention on
+    the KVCache's layout (with beam search's rows gathered through the index, and without), cross-attention on the
+    encoder's keys with several queries a row (beams), padding masked by the float32 minimum, one key and key counts
+    that are not a multiple of 16."""
+    gen = torch.Generator().manual_seed(D)
+    low = torch.finfo(torch.float32).min
+    H = 3
+    for B, S, G in [(1, 1, 1), (4, 17, 1), (6, 64, 3)]:
+        cache = torch.randn(S + 2, B, 2, H, D, generator=gen)  # (positions, rows, k/v, H, D)
+        q = torch.randn(B, 1, 3, H, D, generator=gen)[:, :, 0].transpose(1, 2)  # (B, H, 1, D), strided
+        bias = torch.randn(1, H, S + 2, S + 2, generator=gen)[:, :, S - 1:S, :S]
+        rows = torch.randint(0, B, (S, B), generator=gen)
+        gathered = cache[torch.arange(S)[:, None], rows]  # row b's position s from row rows[s, b]
+        k, v = cache[:S].permute(2, 1, 3, 0, 4)
+        memory = torch.randn(B // G, S, 2, H, D, generator=gen)  # cross-attention: (B/G, H, S, D) views
+        mask = torch.zeros(B // G, 1, 1, S)
+        mask[0, ..., S // 2 + 1:] = low
+        qg = q.transpose(1, 2).reshape(B // G, G, H, D).transpose(1, 2)  # (B/G, H, G, D)
+        ck, cv = memory.permute(2, 0, 3, 1, 4)
+        for args, plain in [((q, k, v, bias, None), (q, k, v, bias)),
+                            ((q, k, v, bias, rows), (q, *gathered.permute(2, 1, 3, 0, 4), bias)),
+                            ((qg, ck, cv, mask, None), (qg, ck, cv, mask))]:
+            out = torch.ops.nanoflant5_cpu.decode_attention(*args)
+            want = F.scaled_dot_product_attention(*(t.double() for t in plain), scale=1.0)
+            assert out.shape == want.shape and out.dtype == torch.float32
+            f32 = F.scaled_dot_product_attention(*plain, scale=1.0)
+            err, torch_err = _errors(out, f32, want)
+            assert err <= 2 * torch_err + 1e-6, (B, S, G, err, torch_err)
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.nanoflant5_cpu.decode_attention(q, k, v, bias, rows + B)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.nanoflant5_cpu.decode_attention(q.double(), k, v, bias, None)
+
+
 @pytest.mark.skipif(not kernels.INT8, reason="int8_rows is built for CPUs with AVX-512 VNNI")
 def test_int8_rows_is_exact():
     """int8_rows against the exact product (float64 holds these sums exactly): every row count, the int8 extremes,
@@ -81,7 +141,8 @@ def test_rms_norm_is_t5s_layer_norm(rows):
 
 def test_decoding_with_the_kernel_gives_torchs_rows(checkpoint, monkeypatch):
     """float32 on CPU, 1-4 rows a step: the decoder's and output layer's linears run rows_linear (fast_linears), its
-    layer norms rms_norm (fast_norms), and generate gives the rows of decoding with torch's kernels (scores to float32 rounding): greedy (1 and 4 inputs),
+    layer norms rms_norm (fast_norms), its attention decode_attention (fast_attention), and generate gives the rows
+    of decoding with torch's kernels (scores to float32 rounding): greedy (1 and 4 inputs),
     beams (4 beams of 1 input, 2 of 2), compiled and eager. Afterwards the layers are plain nn.Linear again."""
     folder, _ = checkpoint("gated-gelu-untied")
     model = load_model(folder, dtype=torch.float32)
@@ -93,7 +154,9 @@ def test_decoding_with_the_kernel_gives_torchs_rows(checkpoint, monkeypatch):
     with S.fast_norms(model):  # the decoder's layer norms
         assert model.decoder.final_norm.forward.func is torch.ops.nanoflant5_cpu.rms_norm
         assert all(b.cross_norm.forward.func is torch.ops.nanoflant5_cpu.rms_norm for b in model.decoder.blocks)
-    assert not any("forward" in m.__dict__ for m in model.modules())
+    with S.fast_attention(model):
+        assert all("attend" in b.cross.__dict__ and "attend_cache" in b.attn.__dict__ for b in model.decoder.blocks)
+    assert not any({"forward", "attend", "attend_cache"} & set(m.__dict__) for m in model.modules())
     ids, mask = random_batch(96, LENGTHS, seed=11)
     for sl, kw in [(slice(0, 1), {}), (slice(0, 4), {}), (slice(0, 1), dict(num_beams=4)),
                    (slice(1, 3), dict(num_beams=2, num_return_sequences=2))]:
