@@ -20,6 +20,7 @@ one token for every running row. The server (serve.py) runs step() in its main t
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 from functools import partial
@@ -89,6 +90,7 @@ class Engine:
         self._ids = itertools.count()
         self.step_rows = 0  # rows the last step decoded
         self._screen = None  # the OutputScreen, False where there is none (see screen())
+        self._panels = weakref.WeakKeyDictionary()  # the decoder's weights as panel_linear reads them (fast_linears)
 
     # ------------------------------------------------------------------------------------------------ requests
 
@@ -209,7 +211,8 @@ class Engine:
         where = {k: torch.tensor(v, device=self.device) for k, v in where.items()}
         # greedy requests only, no log-probabilities asked for: the output layer through the int8 screen
         screen = None if any(r.g.do_sample or r.logprobs is not None for r in self.running) else self.screen(N)
-        with fast_linears(self.model, N, self.max_new_tokens, output_layer=screen is None, packing=False), \
+        with fast_linears(self.model, N, self.max_new_tokens, output_layer=screen is None, packing=False,
+                          panels=self._panels), \
                 fast_norms(self.model), fast_attention(self.model):
             hidden = decode(self.model, self.last, bias, self.cross_kv, self.cross_mask, self.cache.rows(N), pos)
             if screen is None:

@@ -286,7 +286,7 @@ def best_time(fn, runs: int = 3) -> float:
 
 @contextmanager
 def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, keep: bool = False,
-                 packing: bool = True):
+                 packing: bool = True, panels: weakref.WeakKeyDictionary | None = None):
     """Inside the block, a decoding step's linear layers (self- and cross-attention, feed-forward, output layer) run
     on faster CPU kernels than F.linear, for the number of rows every step feeds, where that pays: CPU, float32 or
     bfloat16, no autocast, 16 or more steps.
@@ -306,7 +306,10 @@ def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, ke
       bfloat16 (oneDNN, AMX): flan-t5-small's step linears 2.7/2.9/3.8/6.7 ms at 1/8/32/64 rows against F.linear's
       5.0/4.3/6.0/10.2 ms; eager generations 1.1-1.3x faster.
     output_layer=False: not the output layer (greedy decoding reads it through an OutputScreen). packing=False: no
-    packed copies (continuous batching, whose row count changes from step to step), only the kernels."""
+    packed copies for the row count (continuous batching, whose row count changes from step to step), only the
+    kernels, and panel_linear's copies in `panels` (linear -> (weight, copy)) where it measures fastest: they serve
+    any row count, so the caller (the engine, whose weights do not change under it) keeps them; made on first use,
+    again for a layer whose weight was replaced."""
     linears = [model.lm_head] * output_layer + [linear for b in model.decoder.blocks
                                  for linear in (b.attn.qkv, b.attn.o, b.cross.q, b.cross.o, b.ffn.wi, b.ffn.wo)]
     global last_path
@@ -322,11 +325,13 @@ def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, ke
         with forwards(linears, _KERNEL_FORWARDS, torch.ops.nanoflant5_cpu.rows_linear):
             yield
         return
-    if not (cpu and packing and PACKING and rows in PACK_ROWS):
+    if not (cpu and (packing or panels is not None) and PACKING and rows in PACK_ROWS):
         last_path = "F.linear"
         yield
         return
     chosen = {linear: choose_packer(linear.weight, rows) for linear in linears}
+    if not packing:  # the caller's panel copies only
+        chosen = {linear: "panels" if choice == "panels" else None for linear, choice in chosen.items()}
     last_path = "+".join(sorted({str(c or "F.linear") for c in chosen.values()}))
     linears = [linear for linear in linears if chosen[linear] is not None]
     keep = keep and sum(linear.weight.nbytes for linear in linears) * 1.4 <= KEEP_BYTES  # (copies: ~1.35x)
@@ -335,7 +340,13 @@ def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, ke
         for linear in linears:
             w = linear.weight
             key = (w.data_ptr(), w.shape)
-            _PACKED[key] = pack(linear, chosen[linear], rows, keep), rows, chosen[linear]
+            if packing:
+                copy = pack(linear, chosen[linear], rows, keep)
+            else:
+                if panels.get(linear, (None,))[0] is not w:
+                    panels[linear] = w, pack_panels(w)
+                copy = panels[linear][1]
+            _PACKED[key] = copy, rows, chosen[linear]
             packed.append(key)
         with forwards(linears, _FORWARDS, torch.ops.nanoflant5.packed_linear):
             yield

@@ -162,3 +162,30 @@ def test_bad_requests_are_refused_with_one_line(model):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.submit(Request([5, 96], {}))
     assert not engine.busy
+
+
+def test_float32_steps_take_kept_panel_copies(checkpoint, monkeypatch):
+    """float32 on CPU: steps of 5 or more rows run the decoder's linears on panel_linear's copies of the weights
+    (fast_linears' `panels`), made on the first such step and kept for every later step and row count; each request
+    gets the rows of generate() on its prompt alone with torch's kernels."""
+    import nanoflant5.speed as S
+    from nanoflant5 import kernels
+
+    if not kernels.available():
+        pytest.skip("no C++ compiler to build the kernels")
+    folder, _ = checkpoint("gated-gelu-untied")
+    model32 = load_model(folder, dtype=torch.float32)
+    monkeypatch.setattr(S, "PACKER", "panels")
+    packs = []
+    monkeypatch.setattr(S, "pack_panels", lambda w, rows=0, pack=S.pack_panels: packs.append(w) or pack(w))
+    settings = [dict(max_new_tokens=20, min_new_tokens=k) for k in (4, 20, 9, 14, 20, 6)]
+    settings[1] = dict(max_new_tokens=20, num_beams=2)
+    engine = Engine(model32, max_batch_size=8, max_new_tokens=24)
+    for _ in range(2):
+        requests = [engine.submit(Request(p, kw)) for p, kw in zip(prompts(), settings)]
+        engine.run_until_idle()
+        assert len(packs) == 6 * len(model32.decoder.blocks)  # the greedy steps' linears, once
+        monkeypatch.setattr(S, "KERNELS", False)
+        for r, p, kw in zip(requests, prompts(), settings):
+            assert torch.equal(r.rows, alone(model32, p, kw, None)), kw
+        monkeypatch.setattr(S, "KERNELS", True)
