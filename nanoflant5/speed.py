@@ -245,6 +245,7 @@ PACKING = True  # tests switch packing off to compare with plain F.linear
 last_path = ""  # what the last fast_linears block ran the linears on (the bench prints it)
 PACKER = None  # None: the measured choice; a name of PACKERS: that one wherever it takes the weight (tests)
 MEASURE_BYTES = 2 ** 25  # choose_packer's weights
+MEASURE_ROUNDS = 5
 _CHOSEN: dict[tuple, str | None] = {}  # (dtype, rows) -> the name of the fastest packer, or None
 
 
@@ -252,7 +253,8 @@ def choose_packer(weight, rows: int):
     """The name of the fastest packed GEMM for `rows` rows times weights of this dtype, or None where F.linear is as
     fast. Measured on first use for each dtype and row count, as a decoding step runs them: each candidate over
     MEASURE_BYTES of random (1024, 1024) weights, more than the caches near a core hold, so they stream from farther
-    away (best of 3 passes after a warm-up; ~0.1 s), and remembered for the process. On this project's Xeon the
+    away (each candidate's best of MEASURE_ROUNDS passes, the candidates taking turns, after a warm-up; ~0.15 s),
+    and remembered for the process. On this project's Xeon the
     ranking held for every shape of flan-t5-small's and -base's decoder; measuring one weight in cache instead
     favoured MKL by 5-8%, while in decoding panel_linear is 1.2-1.4x faster than MKL at 8-32 rows."""
     candidates = [name for name, p in PACKERS.items() if weight.dtype in p.dtypes and p.ready()]
@@ -264,24 +266,19 @@ def choose_packer(weight, rows: int):
         ws = [torch.randn(1024, 1024, generator=gen).to(weight.dtype)
               for _ in range(max(1, MEASURE_BYTES // (2 ** 20 * weight.element_size())))]
         x = torch.randn(rows, 1024, generator=gen).to(weight.dtype)
-        times = {None: best_time(lambda: [F.linear(x, w) for w in ws])}
+        runs = {None: lambda: [F.linear(x, w) for w in ws]}
         for name in candidates:
-            packer = PACKERS[name]
-            packed = [packer.pack(w, rows) for w in ws]
-            times[name] = best_time(lambda: [packer.run(x, p, w, rows) for p, w in zip(packed, ws)])
-            del packed
+            packer, packed = PACKERS[name], [PACKERS[name].pack(w, rows) for w in ws]
+            runs[name] = partial(lambda packer, packed: [packer.run(x, p, w, rows) for p, w in zip(packed, ws)],
+                                 packer, packed)
+        times = {name: float("inf") for name in runs}
+        for i in range(MEASURE_ROUNDS + 1):  # the candidates take turns, so that a busy moment of the machine does not
+            for name, run in runs.items():  # fall on one of them only; the first round warms up
+                start = time.perf_counter()
+                run()
+                times[name] = min(times[name], time.perf_counter() - start) if i else times[name]
         _CHOSEN[key] = min(times, key=times.get)
     return _CHOSEN[key]
-
-
-def best_time(fn, runs: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 @contextmanager
