@@ -253,10 +253,9 @@ def choose_packer(weight, rows: int):
     """The name of the fastest packed GEMM for `rows` rows times weights of this dtype, or None where F.linear is as
     fast. Measured on first use for each dtype and row count, as a decoding step runs them: each candidate over
     MEASURE_BYTES of random (1024, 1024) weights, more than the caches near a core hold, so they stream from farther
-    away (each candidate's best of MEASURE_ROUNDS passes, the candidates taking turns, after a warm-up; ~0.15 s),
-    and remembered for the process. On this project's Xeon the
-    ranking held for every shape of flan-t5-small's and -base's decoder; measuring one weight in cache instead
-    favoured MKL by 5-8%, while in decoding panel_linear is 1.2-1.4x faster than MKL at 8-32 rows."""
+    away (each candidate's best of MEASURE_ROUNDS passes, the candidates taking turns, after a warm-up; ~0.2 s),
+    and remembered for the process. Measuring one weight of the layer's shape in cache instead favoured MKL's by
+    5-8%, while in decoding panel_linear runs flan-t5-base's decoder linears 1.2-1.4x faster at 8-32 rows."""
     candidates = [name for name, p in PACKERS.items() if weight.dtype in p.dtypes and p.ready()]
     if PACKER is not None or not candidates:
         return PACKER if PACKER in candidates else None
