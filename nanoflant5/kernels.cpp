@@ -17,6 +17,7 @@
 // Built on first use by nanoflant5/kernels.py (torch.utils.cpp_extension); see there for why and how much.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 #include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -59,11 +60,23 @@ inline float lanes_sum(vfloat v) {  // a fixed order, so results do not depend o
   return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
-// y[r, n:n+nb] for rows r < R of x (R, K) and weight rows n..n+nb of w (N, K)
-template <int R, int nb>
-inline void block(const float* x, const float* w, float* y, int64_t K, int64_t N, int64_t n) {
+// 16 bfloat16 -> 16 float32, exactly (a bfloat16 is a float32's upper 16 bits)
+inline vfloat load(const c10::BFloat16* p) {
+  typedef uint16_t v16u16 __attribute__((vector_size(32)));
+  typedef uint32_t v16u32 __attribute__((vector_size(64)));
+  v16u16 h;
+  std::memcpy(&h, p, sizeof h);
+  const v16u32 bits = __builtin_convertvector(h, v16u32) << 16;
+  vfloat f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// y[r, n:n+nb] for rows r < R of x (R, K) and weight rows n..n+nb of w (N, K) (float32 or bfloat16, widened)
+template <int R, int nb, typename T>
+inline void block(const float* x, const T* w, float* y, int64_t K, int64_t N, int64_t n) {
   vfloat acc[R][nb] = {};
-  const float* wn = w + n * K;
+  const T* wn = w + n * K;
   for (int64_t k = 0; k < K; k += L) {
     vfloat wv[nb];
     for (int b = 0; b < nb; b++) {
@@ -79,33 +92,42 @@ inline void block(const float* x, const float* w, float* y, int64_t K, int64_t N
     for (int b = 0; b < nb; b++) y[r * N + n + b] = lanes_sum(acc[r][b]);
 }
 
-template <int R>
-void rows(const float* x, const float* w, float* y, int64_t K, int64_t N) {
+template <int R, typename T>
+void rows(const float* x, const T* w, float* y, int64_t K, int64_t N) {
   at::parallel_for(0, N / NB, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; b++) block<R, NB>(x, w, y, K, N, b * NB);
   });
   for (int64_t n = N / NB * NB; n < N; n++) block<R, 1>(x, w, y, K, N, n);
 }
 
+template <typename T>
+void rows_of(const float* x, const T* w, float* y, int64_t M, int64_t K, int64_t N) {
+  switch (M) {
+    case 1: rows<1>(x, w, y, K, N); break;
+    case 2: rows<2>(x, w, y, K, N); break;
+    case 3: rows<3>(x, w, y, K, N); break;
+    case 4: rows<4>(x, w, y, K, N); break;
+    default: TORCH_CHECK(false, "rows_linear: 1-4 rows expected, got ", M);
+  }
+}
+
+// bfloat16 x and w (the bfloat16 mode): widened to float32 (exactly), multiplied and summed in float32, the result
+// rounded to bfloat16 (to nearest even) once, as oneDNN's bfloat16 GEMM does; the weight read at half the bytes.
 at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.device().is_cpu() &&
-              w.device().is_cpu(), "rows_linear: float32 CPU tensors expected");
+  const bool bf16 = x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((bf16 || (x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat)) && x.device().is_cpu() &&
+              w.device().is_cpu(), "rows_linear: float32 (or bfloat16) CPU tensors expected");
   int64_t K = w.size(1), N = w.size(0);
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && x.size(-1) == K && K % L == 0,
               "rows_linear: a contiguous (N, K) weight with K a multiple of 16, and x (..., K) expected");
-  at::Tensor x2 = x.reshape({-1, K}).contiguous();
-  at::Tensor y = linear_output(x, N);
+  at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  at::Tensor y = linear_output(x2, N);
   const float* xp = x2.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  switch (x2.size(0)) {
-    case 1: rows<1>(xp, wp, yp, K, N); break;
-    case 2: rows<2>(xp, wp, yp, K, N); break;
-    case 3: rows<3>(xp, wp, yp, K, N); break;
-    case 4: rows<4>(xp, wp, yp, K, N); break;
-    default: TORCH_CHECK(false, "rows_linear: 1-4 rows expected, got ", x2.size(0));
-  }
-  return y;
+  if (bf16) rows_of(xp, w.data_ptr<c10::BFloat16>(), y.data_ptr<float>(), x2.size(0), K, N);
+  else rows_of(xp, w.data_ptr<float>(), y.data_ptr<float>(), x2.size(0), K, N);
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return y.view(shape).to(x.scalar_type());
 }
 
 // panel_linear: x @ w.T for 5-64 rows of float32 x, with w packed ahead in panels of 64 output columns

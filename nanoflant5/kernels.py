@@ -7,7 +7,8 @@ optimization manual, "software prefetch"), rows_linear streams at ~28 GB/s for 1
 (flan-t5-small's decoder and output layer, 154 MB: 5.5 vs 5.85-6.0 ms at 1 row, 6.6-6.7 vs 7.5-7.7 ms packed at 4;
 flan-t5-base at 4 rows: 18.6 vs 27 ms).
 Each output is the sum of 16 strided partial sums (a fixed order), so results differ from MKL's in the last bits, as
-MKL's own kernels do from one another.
+MKL's own kernels do from one another. bfloat16 weights (the bfloat16 mode) are widened to float32 in registers,
+summed in float32 and the result rounded to bfloat16 once, as oneDNN's GEMM does, reading half float32's bytes.
 
 panel_linear takes 5-64 rows (speed.fast_linears, where it measures fastest: choose_packer): the weights packed
 ahead in panels of 64 output columns (speed.pack_panels), 6 rows x 64 columns of sums in registers, and the panel's
@@ -155,6 +156,8 @@ def cpu_tag() -> str:
 
 
 def fits(weight, rows: int) -> bool:
-    """Whether rows_linear takes this weight for `rows` rows (float32 on CPU, contiguous, a multiple of 16 columns)."""
-    return (rows in ROWS and weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.dim() == 2
+    """Whether rows_linear takes this weight for `rows` rows (float32 or bfloat16 on CPU, contiguous, a multiple of
+    16 columns)."""
+    return (rows in ROWS and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+            and weight.dim() == 2
             and weight.is_contiguous() and weight.shape[1] % 16 == 0 and available())

@@ -286,8 +286,8 @@ def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, ke
     """Inside the block, a decoding step's linear layers (self- and cross-attention, feed-forward, output layer) run
     on faster CPU kernels than F.linear, for the number of rows every step feeds, where that pays: CPU, float32 or
     bfloat16, no autocast, 16 or more steps.
-    - 1-4 rows of float32: kernels.rows_linear (built on first use; see kernels.py), which reads each weight once a
-      step, in order, with software prefetch. Compiled generations, against MKL's matrix-vector product (1 row) and
+    - 1-4 rows of float32 or bfloat16: kernels.rows_linear (built on first use; see kernels.py), which reads each
+      weight once a step, in order, with software prefetch. Compiled generations, against MKL's matrix-vector product (1 row) and
       packed GEMM (4 rows): flan-t5-small greedy b1 1.02x, beam4 b1 1.19x faster; flan-t5-base 1.05x and 1.22x.
     - Otherwise (1-64 rows): a packed GEMM (PACKERS: nanoflant5's panel_linear, MKL's, oneDNN's) on copies of the
       weights laid out ahead, the one that measured fastest for the row count and dtype (choose_packer), or F.linear
@@ -316,7 +316,7 @@ def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, ke
     dtype = linears[-1].weight.dtype
     cpu = (steps >= PACK_MIN_STEPS and not torch.is_autocast_enabled("cpu")
            and all(linear.weight.device.type == "cpu" and linear.weight.dtype == dtype for linear in linears))
-    if cpu and dtype == torch.float32 and KERNELS and all(kernels.fits(linear.weight, rows) for linear in linears):
+    if cpu and KERNELS and all(kernels.fits(linear.weight, rows) for linear in linears):
         last_path = "rows_linear"
         with forwards(linears, _KERNEL_FORWARDS, torch.ops.nanoflant5_cpu.rows_linear):
             yield

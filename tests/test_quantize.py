@@ -171,11 +171,11 @@ def test_quantize_refuses_what_it_does_not_do(checkpoint):
 @pytest.mark.skipif("onednn" not in S.PACKERS or torch.bfloat16 not in S.PACKERS["onednn"].dtypes,
                     reason="oneDNN without bfloat16 here")
 def test_bfloat16_packed_decoding_is_plain_bfloat16(checkpoint, monkeypatch):
-    """bfloat16 on CPU: the decoding step's linears run oneDNN's GEMM on packed copies; rows and scores are those of
-    plain bfloat16 decoding (F.linear)."""
+    """bfloat16 on CPU, 5 or more rows: the decoding step's linears run oneDNN's GEMM on packed copies; rows and scores
+    are those of plain bfloat16 decoding (F.linear)."""
     folder, _ = checkpoint("gated-gelu-untied")
     model = load_model(folder, dtype=torch.bfloat16)
-    ids, mask = random_batch(96, LENGTHS, seed=13)
+    ids, mask = random_batch(96, LENGTHS + [9, 4], seed=13)
     monkeypatch.setattr(S, "PACKER", "onednn")
     calls = []
     packer = S.PACKERS["onednn"]
@@ -186,6 +186,36 @@ def test_bfloat16_packed_decoding_is_plain_bfloat16(checkpoint, monkeypatch):
         assert len(calls) >= (6 * len(model.decoder.blocks) + 1) * (rows.shape[1] - 1) > 0
         monkeypatch.setattr(S, "PACKING", False)
         plain_rows, plain_scores = model.generate(ids, mask, return_scores=True, **kw)
+        monkeypatch.setattr(S, "PACKING", True)
+        assert torch.equal(rows, plain_rows), kw
+        torch.testing.assert_close(scores, plain_scores, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="no C++ compiler to build the kernel")
+def test_bfloat16_rows_linear(checkpoint, monkeypatch):
+    """bfloat16, 1-4 rows: kernels.rows_linear takes bfloat16 weights (widened to float32, summed in float32, rounded
+    to bfloat16 once): the float64 product to bfloat16's rounding; decoding 1-4 rows a step runs it and gives the
+    rows and scores of plain bfloat16 decoding (F.linear)."""
+    gen = torch.Generator().manual_seed(0)
+    for rows in (1, 4):
+        for K, N in [(16, 1), (512, 1153)]:
+            w = torch.randn(N, K, generator=gen).bfloat16()
+            x = torch.randn(rows, 1, 2 * K, generator=gen).bfloat16()[..., ::2]
+            y = torch.ops.nanoflant5_cpu.rows_linear(x, w)
+            assert y.shape == (rows, 1, N) and y.dtype == torch.bfloat16
+            exact = F.linear(x.double(), w.double())
+            bound = 2.0 ** -8 * exact.abs() + K * 2.0 ** -24 * F.linear(x.double().abs(), w.double().abs())
+            assert ((y.double() - exact).abs() <= bound + 1e-30).all(), (K, N)
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = load_model(folder, dtype=torch.bfloat16)
+    ids, mask = random_batch(96, LENGTHS, seed=13)
+    for sl, kw in [(slice(0, 1), {}), (slice(0, 4), {}), (slice(0, 1), dict(num_beams=4))]:
+        rows, scores = model.generate(ids[sl], mask[sl], max_new_tokens=20, return_scores=True, **kw)
+        assert S.last_path.startswith("rows_linear"), S.last_path
+        monkeypatch.setattr(S, "KERNELS", False)
+        monkeypatch.setattr(S, "PACKING", False)
+        plain_rows, plain_scores = model.generate(ids[sl], mask[sl], max_new_tokens=20, return_scores=True, **kw)
+        monkeypatch.setattr(S, "KERNELS", True)
         monkeypatch.setattr(S, "PACKING", True)
         assert torch.equal(rows, plain_rows), kw
         torch.testing.assert_close(scores, plain_scores, rtol=1e-2, atol=1e-2)
