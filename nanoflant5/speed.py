@@ -250,22 +250,28 @@ _CHOSEN: dict[tuple, str | None] = {}  # (dtype, rows) -> the name of the fastes
 
 
 def choose_packer(weight, rows: int):
-    """The name of the fastest packed GEMM for `rows` rows times weights of this dtype, or None where F.linear is as
-    fast. Measured on first use for each dtype and row count, as a decoding step runs them: each candidate over
+    """The name of the fastest packed GEMM for `rows` rows times weights of this dtype (None: none takes them).
+    Measured on first use for each dtype and row count, as a decoding step runs them: each candidate over
     MEASURE_BYTES of random (1024, 1024) weights, more than the caches near a core hold, so they stream from farther
     away (each candidate's best of MEASURE_ROUNDS passes, the candidates taking turns, after a warm-up; ~0.2 s),
     and remembered for the process. Measuring one weight of the layer's shape in cache instead favoured MKL's by
-    5-8%, while in decoding panel_linear runs flan-t5-base's decoder linears 1.2-1.4x faster at 8-32 rows."""
+    5-8%, while in decoding panel_linear runs flan-t5-base's decoder linears 1.2-1.4x faster at 8-32 rows. F.linear
+    is not a candidate: a decoding step's weights stream from memory, where it was slower than every packed GEMM at
+    4-64 rows (flan-t5-base's decoder linears at 8 rows: 43.7 ms, MKL's packed 31, panel_linear 24; on AMD EPYC
+    11.7 against oneDNN's 3.1 ms), but over MEASURE_BYTES, which a large L3 cache holds, it can measure
+    within a few % of panel_linear, and a bench run that picked it was 1.14-1.35x slower at greedy b8."""
     candidates = [name for name, p in PACKERS.items() if weight.dtype in p.dtypes and p.ready()]
     if PACKER is not None or not candidates:
         return PACKER if PACKER in candidates else None
     key = (weight.dtype, rows)
+    if key not in _CHOSEN and len(candidates) == 1:
+        _CHOSEN[key] = candidates[0]
     if key not in _CHOSEN:
         gen = torch.Generator().manual_seed(0)
         ws = [torch.randn(1024, 1024, generator=gen).to(weight.dtype)
               for _ in range(max(1, MEASURE_BYTES // (2 ** 20 * weight.element_size())))]
         x = torch.randn(rows, 1024, generator=gen).to(weight.dtype)
-        runs = {None: lambda: [F.linear(x, w) for w in ws]}
+        runs = {}
         for name in candidates:
             packer, packed = PACKERS[name], [PACKERS[name].pack(w, rows) for w in ws]
             runs[name] = partial(lambda packer, packed: [packer.run(x, p, w, rows) for p, w in zip(packed, ws)],
@@ -290,8 +296,7 @@ def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, ke
       weight once a step, in order, with software prefetch. Compiled generations, against MKL's matrix-vector product (1 row) and
       packed GEMM (4 rows): flan-t5-small greedy b1 1.02x, beam4 b1 1.19x faster; flan-t5-base 1.05x and 1.22x.
     - Otherwise (1-64 rows): a packed GEMM (PACKERS: nanoflant5's panel_linear, MKL's, oneDNN's) on copies of the
-      weights laid out ahead, the one that measured fastest for the row count and dtype (choose_packer), or F.linear
-      where none is faster. For 4 to 64 rows of float32 MKL's packed GEMM made whole generations 1.1-1.3x faster
+      weights laid out ahead, the one that measured fastest for the row count and dtype (choose_packer). For 4 to 64 rows of float32 MKL's packed GEMM made whole generations 1.1-1.3x faster
       than F.linear on an Intel Xeon, and panel_linear 1.10-1.15x faster than MKL's (8-32 rows, flan-t5-small and
       -base); packing costs about two steps, which does not pay for short generations. The copies (~1.35x those
       weights' memory) are made on entry and dropped on exit, unless keep=True (compiled decoding, which keeps its

@@ -189,12 +189,12 @@ def test_packed_weights_change_no_output(checkpoint, monkeypatch, packer):
 @pytest.mark.skipif(not S.PACKERS, reason="torch has no packed GEMMs")
 def test_packers_are_chosen_by_measurement(monkeypatch):
     """Which packed GEMM the layers get is measured once per dtype and row count (choose_packer), and the choice is
-    one of the packers that take the dtype and can run here, or None (F.linear)."""
+    one of the packers that take the dtype and can run here (None where none does)."""
     monkeypatch.setattr(S, "_CHOSEN", {})
     monkeypatch.setattr(S, "MEASURE_BYTES", 2 ** 22)
     w = torch.empty(96, 64)
     choice = S.choose_packer(w, 8)
-    assert choice is None or (torch.float32 in S.PACKERS[choice].dtypes and S.PACKERS[choice].ready())
+    assert torch.float32 in S.PACKERS[choice].dtypes and S.PACKERS[choice].ready()
     assert S._CHOSEN == {(torch.float32, 8): choice}
     packs = count_packs(monkeypatch)
     assert S.choose_packer(torch.empty(512, 2048), 8) == choice and not packs  # not measured again
