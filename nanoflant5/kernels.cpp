@@ -1,5 +1,5 @@
 // CPU kernels for decoding a few rows at a time, each reading the weight once, in order, with software prefetch:
-// - rows_linear(x (..., K), w (N, K)) = x @ w.T for float32 x of 1-4 rows;
+// - rows_linear(x (..., K), w (N, K)) = x @ w.T for float32 (or bfloat16) x and w of 1-4 rows;
 // - panel_linear(x (..., K), packed w, N) = x @ w.T for float32 x of 5-64 rows, w packed in panels of 64 columns;
 // - decode_attention(q, k, v, bias, rows): attention of a decoding step's few queries a row;
 // - int8_linear(x (..., K), w (N, K), scale (N,)) = x @ (scale[:, None] * w).T for float32 x of any rows and int8 w
