@@ -171,7 +171,8 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N
               packed.device().is_cpu(), "panel_linear: float32 CPU tensors expected");
   const int64_t K = packed.size(1), panels = packed.size(0);
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == PANEL && packed.is_contiguous() && x.size(-1) == K && N > 0 &&
-              (N + PANEL - 1) / PANEL == panels, "panel_linear: x (..., K) and a weight packed by pack_panels expected");
+              (N + PANEL - 1) / PANEL == panels,
+              "panel_linear: x (..., K) and a weight packed by pack_panels expected");
   at::Tensor x2 = x.reshape({-1, K}).contiguous();
   at::Tensor y = linear_output(x, N);
   const int64_t M = x2.size(0);
@@ -521,7 +522,8 @@ at::Tensor token_losses_backward(const at::Tensor& g, const at::Tensor& logits, 
 }
 
 // Attention of a few queries a row, as a decoding step has (one token a row; beam search's cross-attention: the beams
-// of an input as queries of one row): out[b, h, m] = softmax(q[b, h, m] . k[r, h, s] + bias[b, h, m, s] over s) v[r, h, s]
+// of an input as queries of one row):
+//   out[b, h, m] = softmax(q[b, h, m] . k[r, h, s] + bias[b, h, m, s] over s) v[r, h, s]
 // with r = b, or r = rows[s, b] where given (beam search's self-attention: row b's history lies in other rows of the
 // cache), so the gather of the history is no copy. No 1/sqrt(d) scaling (T5's). Any strides, the last dimension's 1;
 // the bias broadcast (size 1: stride 0). torch's SDPA spends most of such a call on per-(b, h) set-up (flan-t5-base,
@@ -538,18 +540,23 @@ void attend_rows(const float* qp, const float* kp, const float* vp, const float*
     std::vector<float> p(M * S);
     for (int64_t i = i0; i < i1; i++) {
       const int64_t b = i / H, h = i % H;
+      // row b's key or value at position s (in row rows[s, b] of k and v where given)
+      auto at = [&](const float* base, const int64_t* st, int64_t s) {
+        return base + (rp ? rp[s * rs[0] + b * rs[1]] : b) * st[0] + h * st[1] + s * st[2];
+      };
+      // keys and values lie apart (the cache's rows, the encoder's positions): fetched AHEAD_KEYS positions ahead
+      auto fetch = [&](const float* base, const int64_t* st, int64_t s) {
+        if (s < S)
+          for (int c = 0; c < C; c++) __builtin_prefetch(at(base, st, s) + c * L);
+      };
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int64_t mn = std::min<int64_t>(4, M - m0);
         vfloat q[4][C];
         for (int64_t m = 0; m < mn; m++)
           for (int c = 0; c < C; c++) q[m][c] = load(qp + b * qs[0] + h * qs[1] + (m0 + m) * qs[2] + c * L);
         for (int64_t s = 0; s < S; s++) {
-          const int64_t r = rp ? rp[s * rs[0] + b * rs[1]] : b;
-          const float* key = kp + r * ks[0] + h * ks[1] + s * ks[2];
-          if (s + AHEAD_KEYS < S) {  // keys lie apart (the cache's rows, the encoder's positions): fetched ahead
-            const int64_t ra = rp ? rp[(s + AHEAD_KEYS) * rs[0] + b * rs[1]] : b;
-            for (int c = 0; c < C; c++) __builtin_prefetch(kp + ra * ks[0] + h * ks[1] + (s + AHEAD_KEYS) * ks[2] + c * L);
-          }
+          const float* key = at(kp, ks, s);
+          fetch(kp, ks, s + AHEAD_KEYS);
           vfloat kc[C];
           for (int c = 0; c < C; c++) kc[c] = load(key + c * L);
           for (int64_t m = 0; m < mn; m++) {
@@ -575,12 +582,8 @@ void attend_rows(const float* qp, const float* kp, const float* vp, const float*
         }
         vfloat out[4][C] = {};
         for (int64_t s = 0; s < S; s++) {
-          const int64_t r = rp ? rp[s * rs[0] + b * rs[1]] : b;
-          const float* value = vp + r * vs[0] + h * vs[1] + s * vs[2];
-          if (s + AHEAD_KEYS < S) {
-            const int64_t ra = rp ? rp[(s + AHEAD_KEYS) * rs[0] + b * rs[1]] : b;
-            for (int c = 0; c < C; c++) __builtin_prefetch(vp + ra * vs[0] + h * vs[1] + (s + AHEAD_KEYS) * vs[2] + c * L);
-          }
+          const float* value = at(vp, vs, s);
+          fetch(vp, vs, s + AHEAD_KEYS);
           vfloat vc[C];
           for (int c = 0; c < C; c++) vc[c] = load(value + c * L);
           for (int64_t m = 0; m < mn; m++) {
@@ -607,7 +610,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
               "decode_attention: float32 CPU tensors q (B, H, M, D), k and v (B, H, S, D), bias (B, H, M, S) expected");
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), D = q.size(3), S = k.size(2);
   TORCH_CHECK(k.size(1) == H && k.size(3) == D && v.sizes() == k.sizes() && D % L == 0 && D <= 8 * L && S > 0 &&
-              q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: shapes or strides not taken");
+              q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "decode_attention: shapes or strides not taken");
   const int64_t want[4] = {B, H, M, S};
   int64_t bs[4];
   for (int d = 0; d < 4; d++) {

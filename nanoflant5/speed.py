@@ -246,7 +246,7 @@ last_path = ""  # what the last fast_linears block ran the linears on (the bench
 PACKER = None  # None: the measured choice; a name of PACKERS: that one wherever it takes the weight (tests)
 MEASURE_BYTES = 2 ** 25  # choose_packer's weights
 MEASURE_ROUNDS = 5
-_CHOSEN: dict[tuple, str | None] = {}  # (dtype, rows) -> the name of the fastest packer, or None
+_CHOSEN: dict[tuple, str] = {}  # (dtype, rows) -> the name of the fastest packer
 
 
 def choose_packer(weight, rows: int):
@@ -271,17 +271,15 @@ def choose_packer(weight, rows: int):
         ws = [torch.randn(1024, 1024, generator=gen).to(weight.dtype)
               for _ in range(max(1, MEASURE_BYTES // (2 ** 20 * weight.element_size())))]
         x = torch.randn(rows, 1024, generator=gen).to(weight.dtype)
-        runs = {}
-        for name in candidates:
-            packer, packed = PACKERS[name], [PACKERS[name].pack(w, rows) for w in ws]
-            runs[name] = partial(lambda packer, packed: [packer.run(x, p, w, rows) for p, w in zip(packed, ws)],
-                                 packer, packed)
-        times = {name: float("inf") for name in runs}
+        packed = {name: [PACKERS[name].pack(w, rows) for w in ws] for name in candidates}
+        times = {name: float("inf") for name in candidates}
         for i in range(MEASURE_ROUNDS + 1):  # the candidates take turns, so that a busy moment of the machine does not
-            for name, run in runs.items():  # fall on one of them only; the first round warms up
+            for name in candidates:  # fall on one of them only; the first round warms up
                 start = time.perf_counter()
-                run()
-                times[name] = min(times[name], time.perf_counter() - start) if i else times[name]
+                for p, w in zip(packed[name], ws):
+                    PACKERS[name].run(x, p, w, rows)
+                if i:
+                    times[name] = min(times[name], time.perf_counter() - start)
         _CHOSEN[key] = min(times, key=times.get)
     return _CHOSEN[key]
 
@@ -293,19 +291,20 @@ def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, ke
     on faster CPU kernels than F.linear, for the number of rows every step feeds, where that pays: CPU, float32 or
     bfloat16, no autocast, 16 or more steps.
     - 1-4 rows of float32 or bfloat16: kernels.rows_linear (built on first use; see kernels.py), which reads each
-      weight once a step, in order, with software prefetch. Compiled generations, against MKL's matrix-vector product (1 row) and
-      packed GEMM (4 rows): flan-t5-small greedy b1 1.02x, beam4 b1 1.19x faster; flan-t5-base 1.05x and 1.22x.
+      weight once a step, in order, with software prefetch. Compiled generations, against MKL's matrix-vector
+      product (1 row) and packed GEMM (4 rows): flan-t5-small greedy b1 1.02x, beam4 b1 1.19x faster; flan-t5-base
+      1.05x and 1.22x.
     - Otherwise (1-64 rows): a packed GEMM (PACKERS: nanoflant5's panel_linear, MKL's, oneDNN's) on copies of the
-      weights laid out ahead, the one that measured fastest for the row count and dtype (choose_packer). For 4 to 64 rows of float32 MKL's packed GEMM made whole generations 1.1-1.3x faster
-      than F.linear on an Intel Xeon, and panel_linear 1.10-1.15x faster than MKL's (8-32 rows, flan-t5-small and
-      -base); packing costs about two steps, which does not pay for short generations. The copies (~1.35x those
-      weights' memory) are made on entry and dropped on exit, unless keep=True (compiled decoding, which keeps its
-      graphs too) and they take at most KEEP_BYTES (flan-t5-base's: 0.67 GB): then they stay with the layers for
-      the next call with the same row count, which uses them only if the weights still have the fingerprints they
-      had when packed, so weights changed between calls (training) never meet a stale copy. Checking costs a
-      quarter of packing; keeping made compiled beam4 b1 decoding 1.05-1.16x faster here, batch 8 up to 1.05x.
-      bfloat16 (oneDNN, AMX): flan-t5-small's step linears 2.7/2.9/3.8/6.7 ms at 1/8/32/64 rows against F.linear's
-      5.0/4.3/6.0/10.2 ms; eager generations 1.1-1.3x faster.
+      weights laid out ahead, the one that measured fastest for the row count and dtype (choose_packer). For 4 to 64
+      rows of float32 MKL's packed GEMM made whole generations 1.1-1.3x faster than F.linear on an Intel Xeon, and
+      panel_linear 1.10-1.15x faster than MKL's (8-32 rows, flan-t5-small and -base); packing costs about two steps,
+      which does not pay for short generations. The copies (~1.35x those weights' memory) are made on entry and
+      dropped on exit, unless keep=True (compiled decoding, which keeps its graphs too) and they take at most
+      KEEP_BYTES (flan-t5-base's: 0.67 GB): then they stay with the layers for the next call with the same row count,
+      which uses them only if the weights still have the fingerprints they had when packed, so weights changed between
+      calls (training) never meet a stale copy. Checking costs a quarter of packing; keeping made compiled beam4 b1
+      decoding 1.05-1.16x faster here, batch 8 up to 1.05x. bfloat16 (oneDNN, AMX): flan-t5-small's step linears
+      2.7/2.9/3.8/6.7 ms at 1/8/32/64 rows against F.linear's 5.0/4.3/6.0/10.2 ms; eager generations 1.1-1.3x faster.
     output_layer=False: not the output layer (greedy decoding reads it through an OutputScreen). packing=False: no
     packed copies for the row count (continuous batching, whose row count changes from step to step), only the
     kernels, and panel_linear's copies in `panels` (linear -> (weight, copy)) where it measures fastest: they serve
@@ -343,10 +342,11 @@ def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, ke
             key = (w.data_ptr(), w.shape)
             if packing:
                 copy = pack(linear, chosen[linear], rows, keep)
-            else:
-                if panels.get(linear, (None,))[0] is not w:
-                    panels[linear] = w, pack_panels(w)
+            elif panels.get(linear, (None,))[0] is w:  # the caller's copy, made for this weight
                 copy = panels[linear][1]
+            else:
+                copy = pack_panels(w)
+                panels[linear] = w, copy
             _PACKED[key] = copy, rows, chosen[linear]
             packed.append(key)
         with forwards(linears, _FORWARDS, torch.ops.nanoflant5.packed_linear):
