@@ -5,7 +5,8 @@ generate.py makes a Speedups for each call (`decoding`) and asks it for the step
 - faster kernels for a decoding step's linear layers on CPU (fast_linears): nanoflant5's own for 1-4 rows
   of float32 (kernels.py), else packed GEMMs (nanoflant5's panel_linear, MKL's or oneDNN's, whichever measures
   fastest on the CPU at hand), with packed copies kept between compiled calls;
-- the decoder's layer norms and attention through kernels in eager decoding (fast_norms, fast_attention);
+- the decoder's layer norms and attention through kernels in eager decoding (fast_norms, fast_attention), and each
+  decoder block's step in one kernel call (fast_blocks);
 - greedy decoding's output layer read as int8 (OutputScreen), which still picks the full layer's token;
 - argmax and top-k by blocks of the vocabulary on CPU (argmax, top_k), exactly torch's results;
 - torch.compile of the decoding step, with an eager fallback (compiled_step).
@@ -91,7 +92,7 @@ def decoding(model: T5, g: GenerationConfig, rows: int, dtype: torch.dtype, comp
     fast = Speedups(model, g, rows, dtype, compile, scores)
     start = time.perf_counter()
     with fast_linears(model, rows, g.new_tokens, output_layer=fast.screen is None, keep=compile), \
-            fast_norms(model, compile), fast_attention(model, compile):
+            fast_norms(model, compile), fast_attention(model, compile), fast_blocks(model, rows, compile):
         last_path += " + int8 screen" * (fast.screen is not None) + " + compiled" * compile
         yield fast
     if not compile:
@@ -411,6 +412,83 @@ def _attend(cross, q, k, v, mask):
     if cross.training or mask is None or mask.dtype != torch.float32 or not _kernel_takes(q, k):
         return type(cross).attend(cross, q, k, v, mask)
     return torch.ops.nanoflant5_cpu.decode_attention(q, k, v, mask, None)
+
+
+BLOCKS = True  # tests switch it off to compare fast_blocks with the block's own forward
+
+
+class BlockPlan(NamedTuple):
+    """What kernels.decoder_block takes of a decoder block besides the step's tensors."""
+    norms: list
+    linears: list  # weights (rows_linear) or panel copies (panel_linear)
+    outs: list  # each linear's output size
+    eps: float
+    act: str  # the feed-forward's activation (model.ACT_FNS)
+    gated: bool
+    rows: int  # a step's rows
+
+
+@contextmanager
+def fast_blocks(model: T5, rows: int, compile: bool = False):
+    """Inside the block (entered inside fast_linears, fast_norms and fast_attention), each decoder block's decoding
+    step is one call of kernels.decoder_block, which runs the block's forward on the same kernels (the output is the
+    same to the bit) without its ~60 Python-level module and operator calls: eager float32 on CPU, where every
+    linear of the decoder runs rows_linear or panel_linear and no hooks are registered (a compiled step has no such
+    calls). flan-t5-small greedy b1: 5.1 -> ~3.9 ms a step (see docs/performance.md)."""
+    blocks = model.decoder.blocks
+    c = model.config
+    plans = None
+    if (BLOCKS and not compile and KERNELS and model.shared.weight.device.type == "cpu" and kernels.available()
+            and c.activation in ("relu", "gelu", "gelu_new", "silu") and not c.d_kv % 16 and c.d_kv <= 128
+            and not (_global_forward_hooks or _global_forward_pre_hooks)):
+        plans = [block_plan(block, rows, c.activation) for block in blocks]
+    if plans is None or None in plans:
+        yield
+        return
+    try:
+        for block, plan in zip(blocks, plans):
+            block.forward = partial(_fast_block, block, plan)
+        yield
+    finally:
+        for block in blocks:
+            block.__dict__.pop("forward", None)
+
+
+def block_plan(block, rows: int, act: str) -> BlockPlan | None:
+    """The block's BlockPlan for `rows` rows a step, or None: a linear or norm not on nanoflant5's kernels here, or
+    a hook on one of its modules."""
+    norms = [block.attn_norm, block.cross_norm, block.ffn_norm]
+    linears = [block.attn.qkv, block.attn.o, block.cross.q, block.cross.o, block.ffn.wi, block.ffn.wo]
+    if any(m._forward_hooks or m._forward_pre_hooks for m in block.modules()):
+        return None
+    if any(norm.__dict__.get("forward") is not _NORM_FORWARDS.get(norm) or norm.weight.dtype != torch.float32
+           for norm in norms):
+        return None
+    taken = []
+    for linear in linears:
+        forward, w = linear.__dict__.get("forward"), linear.weight
+        packed = _PACKED.get((w.data_ptr(), w.shape), (None, 0, None))
+        if forward is not None and forward is _KERNEL_FORWARDS.get(linear) and w.dtype == torch.float32:
+            taken.append(w)
+        elif forward is not None and forward is _FORWARDS.get(linear) and packed[1:] == (rows, "panels"):
+            taken.append(packed[0])
+        else:
+            return None
+    return BlockPlan([n.weight for n in norms], taken, [linear.out_features for linear in linears],
+                     block.attn_norm.eps, act, block.ffn.gated, rows)
+
+
+def _fast_block(block, plan: BlockPlan, x, bias, memory, cross_mask, cache=None, pos=0, index=None):
+    positions = pos if torch.is_tensor(pos) else None  # (continuous batching: rows at their own positions)
+    if (block.training or cache is None or torch.is_tensor(memory) or x.shape != (plan.rows, 1, x.shape[2])
+            or (positions is not None and (index is not None or positions.device.type != "cpu"))
+            or x.dtype != torch.float32 or bias.dtype != torch.float32 or cross_mask is None
+            or cross_mask.dtype != torch.float32 or x.shape[0] // memory[0].shape[0] > 16):
+        return type(block).forward(block, x, bias, memory, cross_mask, cache, pos, index)
+    rows = None if index is None else index[:pos + 1].remainder(x.shape[0])
+    return torch.ops.nanoflant5_cpu.decoder_block(x, plan.norms, plan.linears, plan.outs, plan.eps, plan.act,
+                                                  plan.gated, cache, 0 if positions is not None else pos, positions,
+                                                  bias, rows, memory[0], memory[1], cross_mask)
 
 
 @contextmanager

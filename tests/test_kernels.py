@@ -172,6 +172,50 @@ def test_decoding_with_the_kernel_gives_torchs_rows(checkpoint, monkeypatch):
             assert torch.equal(greedy, rows), (kw, compile)
 
 
+@pytest.mark.parametrize("kind", ["gated-gelu-untied", "relu-tied"])
+def test_decoder_block_is_the_blocks_forward(tmp_path, kind, monkeypatch):
+    """kernels.decoder_block (speed.fast_blocks) runs a decoder block's decoding step in one call on the kernels the
+    block's forward takes, so generations with it equal those without to the bit, scores included: 1-4 rows
+    (rows_linear) and 8 (panel_linear), greedy, beams (history through the cache's index), several sequences of an
+    input (its copies' queries together over the encoder output), sampling, and the engine's steps (rows at their own
+    positions). Each takes the kernel (counted) at every layer of every step."""
+    from helpers import make_checkpoint
+    from nanoflant5.engine import Engine, Request
+
+    make_checkpoint(tmp_path, kind, d_kv=16)  # (decode_attention takes head sizes of multiples of 16)
+    model = load_model(tmp_path, dtype=torch.float32)
+    calls = []
+    op = torch.ops.nanoflant5_cpu.decoder_block
+    monkeypatch.setattr(torch.ops.nanoflant5_cpu, "decoder_block", lambda *a: calls.append(1) or op(*a))
+    monkeypatch.setattr(S, "PACKER", "panels")
+    ids, mask = random_batch(96, [7, 3, 12, 5, 9, 4, 11, 6], seed=3)
+    layers = len(model.decoder.blocks)
+    for sl, kw in [(slice(0, 1), {}), (slice(0, 4), {}), (slice(0, 8), {}), (slice(0, 1), dict(num_beams=4)),
+                   (slice(1, 3), dict(num_beams=2, num_return_sequences=2)),
+                   (slice(0, 2), dict(do_sample=True, num_return_sequences=3, seed=7))]:
+        args = ids[sl], mask[sl]
+        calls.clear()
+        rows, scores = model.generate(*args, max_new_tokens=16, return_scores=True, **kw)
+        steps = rows.shape[1] - 1  # (beam search may have decoded further than its rows keep)
+        assert len(calls) == layers * steps or ("num_beams" in kw and len(calls) > layers * steps), (kw, len(calls))
+        monkeypatch.setattr(S, "BLOCKS", False)
+        plain_rows, plain_scores = model.generate(*args, max_new_tokens=16, return_scores=True, **kw)
+        monkeypatch.setattr(S, "BLOCKS", True)
+        assert torch.equal(rows, plain_rows) and torch.equal(scores, plain_scores), kw
+        assert not any("forward" in b.__dict__ for b in model.decoder.blocks)
+    settings = [dict(max_new_tokens=20, min_new_tokens=k) for k in (4, 20, 9, 14, 20, 6)]
+    got = []
+    for blocks in (True, False):
+        monkeypatch.setattr(S, "BLOCKS", blocks)
+        calls.clear()
+        engine = Engine(model, max_batch_size=4, max_new_tokens=24)
+        requests = [engine.submit(Request(row[m.bool()].tolist(), kw)) for row, m, kw in zip(ids, mask, settings)]
+        engine.run_until_idle()
+        got.append([r.rows for r in requests])
+        assert (len(calls) > 0) == blocks
+    assert all(torch.equal(a, b) for a, b in zip(*got))
+
+
 def test_kernel_without_compiler_falls_back(tmp_path, checkpoint):
     """No C++ compiler (and nothing built before): one warning, then decoding with torch's kernels, same rows."""
     folder, _ = checkpoint("gated-gelu-untied")
