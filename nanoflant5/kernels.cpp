@@ -3,6 +3,7 @@
 // - panel_linear(x (..., K), packed w, N) = x @ w.T for float32 x of 5-64 rows, w packed in panels of 64 columns;
 // - decode_attention(q, k, v, bias, rows): attention of a decoding step's few queries a row;
 // - decoder_block(x, ...): a T5 decoder block's decoding step in one call, on the kernels above;
+// - screen_bounds(product, ...): the greedy output layer's int8 screen's bounds from its int8 product, in one pass;
 // - int8_linear(x (..., K), w (N, K), scale (N,)) = x @ (scale[:, None] * w).T for float32 x of any rows and int8 w
 //   (weight-only int8, quantize.py), each weight block read once and multiplied with 4 rows of x at a time;
 // - int8_rows(x (M, K), w (N, K)) = x @ w.T exactly in int32 for int8 x of 1-8 rows and int8 w (the greedy output
@@ -900,6 +901,60 @@ at::Tensor decoder_block(const at::Tensor& x, at::TensorList norms, at::TensorLi
   return out.add(linear_of(h, linears[5], outs[5]));
 }
 
+// screen_bounds: the int8 screen's bounds from its exact int8 product (speed.OutputScreen.bounds), in one pass over
+// the (M, V) outputs where torch makes seven: approx = (product * r + x_out @ rows) * scale and b = coef @ norms,
+// returned as (approx - b, approx + b). product (M, V) int32; r (M, 1); x_out (M, O), the outlying channels of x;
+// rows (O, V) int8, the screen's rows for them; scale (V,); coef (M, 3); norms (3, V). The arithmetic is in float32
+// in another order than torch's (with fused multiply-adds), which the bound's rounding term allows for.
+std::tuple<at::Tensor, at::Tensor> screen_bounds(const at::Tensor& product, const at::Tensor& r, const at::Tensor& x_out,
+                                                 const at::Tensor& rows, const at::Tensor& scale,
+                                                 const at::Tensor& coef, const at::Tensor& norms) {
+  TORCH_CHECK(product.scalar_type() == at::kInt && rows.scalar_type() == at::kChar && r.scalar_type() == at::kFloat &&
+              x_out.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat &&
+              coef.scalar_type() == at::kFloat && norms.scalar_type() == at::kFloat && product.dim() == 2 &&
+              product.device().is_cpu() && rows.device().is_cpu(), "screen_bounds: CPU tensors of the screen's dtypes expected");
+  const int64_t M = product.size(0), V = product.size(1), O = x_out.size(1);
+  TORCH_CHECK(r.numel() == M && x_out.dim() == 2 && x_out.size(0) == M && rows.dim() == 2 && rows.size(0) == O &&
+              rows.size(1) == V && scale.numel() == V && coef.dim() == 2 && coef.size(0) == M && coef.size(1) == 3 &&
+              norms.dim() == 2 && norms.size(0) == 3 && norms.size(1) == V, "screen_bounds: shapes do not match");
+  const at::Tensor pc = product.contiguous(), rc = r.contiguous(), xc = x_out.contiguous(), qc = rows.contiguous(),
+                   sc = scale.contiguous(), cc = coef.contiguous(), nc = norms.contiguous();
+  at::Tensor lower = at::empty({M, V}, x_out.options()), upper = at::empty({M, V}, x_out.options());
+  const int32_t* pp = pc.data_ptr<int32_t>();
+  const float *rp = rc.data_ptr<float>(), *xp = xc.data_ptr<float>(), *sp = sc.data_ptr<float>(),
+              *cp = cc.data_ptr<float>(), *np = nc.data_ptr<float>();
+  const int8_t* qp = qc.data_ptr<int8_t>();
+  float *lp = lower.data_ptr<float>(), *up = upper.data_ptr<float>();
+  constexpr int64_t COLS = 512;  // columns a task: their rows, scales and norms stay in L1 while every row passes
+  at::parallel_for(0, (V + COLS - 1) / COLS, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t m = 0; m < M; m++) {
+      const float rm = rp[m], *xm = xp + m * O, *cm = cp + m * 3;
+      for (int64_t v = c0 * COLS, end = std::min(V, c1 * COLS); v < end; v++) {  // scalar: the columns' tail
+        if (v + L <= end) {
+          typedef int32_t vi __attribute__((vector_size(64)));
+          vi p;
+          std::memcpy(&p, pp + m * V + v, sizeof p);
+          vfloat acc = __builtin_convertvector(p, vfloat) * rm;
+          for (int64_t j = 0; j < O; j++) acc += xm[j] * load_int8(qp + j * V + v);
+          const vfloat approx = acc * load(sp + v);
+          const vfloat b = cm[0] * load(np + v) + cm[1] * load(np + V + v) + cm[2] * load(np + 2 * V + v);
+          const vfloat lo = approx - b, hi = approx + b;
+          std::memcpy(lp + m * V + v, &lo, sizeof lo);
+          std::memcpy(up + m * V + v, &hi, sizeof hi);
+          v += L - 1;
+          continue;
+        }
+        float acc = float(pp[m * V + v]) * rm;
+        for (int64_t j = 0; j < O; j++) acc += xm[j] * float(qp[j * V + v]);
+        const float approx = acc * sp[v], b = cm[0] * np[v] + cm[1] * np[V + v] + cm[2] * np[2 * V + v];
+        lp[m * V + v] = approx - b;
+        up[m * V + v] = approx + b;
+      }
+    }
+  });
+  return {lower, upper};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(nanoflant5_cpu, m) {
@@ -916,6 +971,8 @@ TORCH_LIBRARY(nanoflant5_cpu, m) {
   m.def("decoder_block(Tensor x, Tensor[] norms, Tensor[] linears, int[] outs, float eps, str act, bool gated, "
         "Tensor(a!) cache, int pos, Tensor? positions, Tensor bias, Tensor? rows, Tensor cross_k, Tensor cross_v, Tensor cross_mask) -> "
         "Tensor");
+  m.def("screen_bounds(Tensor product, Tensor r, Tensor x_out, Tensor rows, Tensor scale, Tensor coef, Tensor norms) -> "
+        "(Tensor, Tensor)");
   m.def("token_losses(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)");
   m.def("token_losses_backward(Tensor grad, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor");
 #ifdef INT8_ROWS
@@ -936,6 +993,7 @@ TORCH_LIBRARY_IMPL(nanoflant5_cpu, CPU, m) {
   m.impl("seeded_dropout", &seeded_dropout);
   m.impl("decode_attention", &decode_attention);
   m.impl("decoder_block", &decoder_block);
+  m.impl("screen_bounds", &screen_bounds);
   m.impl("token_losses_backward", &token_losses_backward);
 #ifdef INT8_ROWS
   m.impl("int8_rows", &int8_rows);

@@ -785,11 +785,15 @@ class OutputScreen:
         # (M, 3) @ (3, vocab): the bound b, a little above the rounding of the sums that use it, plus 2^-120
         # (rounding in float32's subnormal range is absolute, at most 2^-150 an operation)
         c = 1 + 1e-5
-        b = torch.stack([a * c, (e_x + self.rounding * a) * c, torch.ones_like(a)], 1).float() @ self.norms
+        coef = torch.stack([a * c, (e_x + self.rounding * a) * c, torch.ones_like(a)], 1).float()  # (M, 3)
         q_x = q_x.to(torch.int8)
         product = torch.ops.nanoflant5_cpu.int8_rows(q_x, self.q) if self.kernel else torch._int_mm(q_x, self.q_t)
-        approx = product * r  # (M, vocab), / s_i
         rows = self.q_rows.index_select(0, out)  # (OUTLIERS, vocab)
+        if KERNELS and not torch.compiler.is_compiling() and kernels.available():  # what follows, in one pass
+            lower, upper = torch.ops.nanoflant5_cpu.screen_bounds(product, r, x_out, rows, self.scale, coef, self.norms)
+            return x, lower, upper, ok
+        b = coef @ self.norms
+        approx = product * r  # (M, vocab), / s_i
         if torch.compiler.is_compiling():  # term by term: the compiled step adds them all in one pass
             for j in range(len(rows)):
                 approx = approx + x_out[:, j, None] * rows[j]

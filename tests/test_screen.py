@@ -96,11 +96,15 @@ def test_screen_falls_back_where_the_int8_product_overflows():
     assert torch.equal(screen.argmax(screen.bounds(x), lambda s: s), full_argmax(x, w, lambda s: s))
 
 
+@pytest.mark.parametrize("epilogue", [False] + [pytest.param(True, marks=pytest.mark.skipif(
+    not kernels.available(), reason="no C++ compiler to build the kernels"))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_screen_bound_holds_and_is_tight(dtype):
+def test_screen_bound_holds_and_is_tight(dtype, epilogue, monkeypatch):
     """approx - b <= logit <= approx + b for every token, also for an input that makes Cauchy-Schwarz nearly an
     equality: x along one token's int8 rounding error e_i, and a multiple of int8 values (no input rounding), where
-    the error reaches ~b (so a bound a third as large fails)."""
+    the error reaches ~b (so a bound a third as large fails). With the bounds' last passes in one (epilogue:
+    kernels.screen_bounds) and through torch's operators, which agree to float32 rounding."""
+    monkeypatch.setattr(S, "KERNELS", epilogue)
     gen = torch.Generator().manual_seed(2)
     vocab, K = 1000, 256
     w = (torch.randn(vocab, K, generator=gen) * 0.05).to(dtype)
@@ -116,6 +120,11 @@ def test_screen_bound_holds_and_is_tight(dtype):
         _, lower, upper, ok = screen.bounds(x)
         logits = F.linear(x, w).float()
         assert ok and (lower <= logits).all() and (logits <= upper).all()
+        monkeypatch.setattr(S, "KERNELS", not epilogue)
+        _, other_lower, other_upper, _ = screen.bounds(x)
+        monkeypatch.setattr(S, "KERNELS", epilogue)
+        for got, other in ((lower, other_lower), (upper, other_upper)):
+            torch.testing.assert_close(got, other, rtol=1e-5, atol=1e-6 * float(other.abs().max()))
     _, lower, upper, _ = screen.bounds(xs[1])
     b = (upper.double() - lower.double()) / 2
     err = (F.linear(xs[1], w).float().double() - (upper.double() + lower.double()) / 2).abs()
