@@ -849,13 +849,19 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 // decoder_block: a T5 decoder block's decoding step (one new token a row) in one call, as DecoderBlock.forward runs
 // it on the kernels above (eval mode: no dropout), so the output is the same to the bit; what it saves is the ~60
 // Python-level operator and module calls a block makes (speed.fast_blocks: ~1.5 ms of a 5 ms flan-t5-small step at
-// one row). x (B, 1, d); norms: the three layer norms' weights; linears: qkv, o, cross q, cross o, wi, wo, each a
-// weight (N, K) for rows_linear or a copy packed for panel_linear (3-D) with N = outs[i]; cache: the layer's KVCache
+// one row). x (B, 1, d); norms: the three layer norms' weights; linears: qkv, o, cross q, cross o, wi, wo, each by
+// kinds[i]: 0 a weight (N, K) for rows_linear, 1 a copy packed for panel_linear with N = outs[i], 2 and 3 int8
+// weights with their scales[i] for int8_linear and w8a8_linear (quantize.py's modes); cache: the layer's KVCache
 // buffer (max_len, B, 2, H, D), written at pos, or at positions[i] for row i (then attention reads the bias's width
 // of positions); bias (B or 1, H, 1, pos + 1); rows: where each row's history lies (beam search, decode_attention); cross_k, cross_v (B / G, H, S, D) and cross_mask (B / G, 1, 1, S) for G copies of
 // each input. act: the feed-forward's activation ("relu", "gelu", "gelu_new", "silu"), gated or not.
-at::Tensor linear_of(const at::Tensor& x, const at::Tensor& w, int64_t N) {
-  return w.dim() == 2 ? rows_linear(x, w) : panel_linear(x, w, N);
+at::Tensor linear_of(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t kind, int64_t N) {
+  switch (kind) {
+    case 0: return rows_linear(x, w);
+    case 1: return panel_linear(x, w, N);
+    case 2: return int8_linear(x, w, scale);
+    default: TORCH_CHECK(kind == 3, "decoder_block: unknown kind of linear ", kind); return w8a8_linear(x, w, scale);
+  }
 }
 
 at::Tensor activation(const at::Tensor& h, c10::string_view act) {
@@ -866,17 +872,19 @@ at::Tensor activation(const at::Tensor& h, c10::string_view act) {
   return at::silu(h);
 }
 
-at::Tensor decoder_block(const at::Tensor& x, at::TensorList norms, at::TensorList linears, at::IntArrayRef outs,
-                         double eps, c10::string_view act, bool gated, const at::Tensor& cache, int64_t pos,
+at::Tensor decoder_block(const at::Tensor& x, at::TensorList norms, at::TensorList linears, at::TensorList scales,
+                         at::IntArrayRef kinds, at::IntArrayRef outs, double eps, c10::string_view act, bool gated, const at::Tensor& cache, int64_t pos,
                          const std::optional<at::Tensor>& positions, const at::Tensor& bias, const std::optional<at::Tensor>& rows, const at::Tensor& cross_k,
                          const at::Tensor& cross_v, const at::Tensor& cross_mask) {
-  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && norms.size() == 3 && linears.size() == 6 && outs.size() == 6 &&
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && norms.size() == 3 && linears.size() == 6 && scales.size() == 6 &&
+              kinds.size() == 6 && outs.size() == 6 &&
               cache.dim() == 5 && cache.size(1) == x.size(0) && pos >= 0 && pos < cache.size(0) &&
               cross_k.dim() == 4 && cross_k.size(0) > 0 && x.size(0) % cross_k.size(0) == 0,
               "decoder_block: x (B, 1, d), 3 norms, 6 linears and a cache (max_len, B, 2, H, D) expected");
   const int64_t B = x.size(0), H = cache.size(3), D = cache.size(4), G = B / cross_k.size(0);
   // self-attention over the cache, this step's keys and values written at pos
-  at::Tensor qkv = linear_of(rms_norm(x, norms[0], eps), linears[0], outs[0]).view({B, 1, 3, H, D});
+  auto linear = [&](const at::Tensor& in, int i) { return linear_of(in, linears[i], scales[i], kinds[i], outs[i]); };
+  at::Tensor qkv = linear(rms_norm(x, norms[0], eps), 0).view({B, 1, 3, H, D});
   at::Tensor new_kv = qkv.select(1, 0).slice(1, 1, 3);  // (B, 2, H, D)
   int64_t S = pos + 1;
   if (positions.has_value()) {  // row i at its own position (continuous batching); the bias masks later ones
@@ -894,20 +902,20 @@ at::Tensor decoder_block(const at::Tensor& x, at::TensorList norms, at::TensorLi
   }
   at::Tensor kv = cache.slice(0, 0, S).permute({2, 1, 3, 0, 4});  // (2, B, H, S, D)
   at::Tensor y = decode_attention(qkv.select(2, 0).transpose(1, 2), kv[0], kv[1], bias, rows);  // (B, H, 1, D)
-  at::Tensor out = x.add(linear_of(y.transpose(1, 2).reshape({B, 1, H * D}), linears[1], outs[1]));
+  at::Tensor out = x.add(linear(y.transpose(1, 2).reshape({B, 1, H * D}), 1));
   // attention over the encoder output, the G copies of an input as G queries of one row
-  at::Tensor q = linear_of(rms_norm(out, norms[1], eps), linears[2], outs[2]).view({B / G, G, H, D}).transpose(1, 2);
+  at::Tensor q = linear(rms_norm(out, norms[1], eps), 2).view({B / G, G, H, D}).transpose(1, 2);
   y = decode_attention(q, cross_k, cross_v, cross_mask, std::nullopt);  // (B / G, H, G, D)
-  out = out.add(linear_of(y.transpose(1, 2).reshape({B, 1, H * D}), linears[3], outs[3]));
+  out = out.add(linear(y.transpose(1, 2).reshape({B, 1, H * D}), 3));
   // feed-forward
-  at::Tensor h = linear_of(rms_norm(out, norms[2], eps), linears[4], outs[4]);
+  at::Tensor h = linear(rms_norm(out, norms[2], eps), 4);
   if (gated) {
     const int64_t F = h.size(-1) / 2;
     h = activation(h.slice(-1, 0, F), act).mul(h.slice(-1, F));
   } else {
     h = activation(h, act);
   }
-  return out.add(linear_of(h, linears[5], outs[5]));
+  return out.add(linear(h, 5));
 }
 
 // screen_bounds: the int8 screen's bounds from its exact int8 product (speed.OutputScreen.bounds), in one pass over
@@ -977,9 +985,9 @@ TORCH_LIBRARY(nanoflant5_cpu, m) {
   m.def("gated_gelu_backward(Tensor grad, Tensor h) -> Tensor");
   m.def("seeded_dropout(Tensor x, int dropped, int seed) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor bias, Tensor? rows) -> Tensor");
-  m.def("decoder_block(Tensor x, Tensor[] norms, Tensor[] linears, int[] outs, float eps, str act, bool gated, "
-        "Tensor(a!) cache, int pos, Tensor? positions, Tensor bias, Tensor? rows, Tensor cross_k, Tensor cross_v, Tensor cross_mask) -> "
-        "Tensor");
+  m.def("decoder_block(Tensor x, Tensor[] norms, Tensor[] linears, Tensor[] scales, int[] kinds, int[] outs, "
+        "float eps, str act, bool gated, Tensor(a!) cache, int pos, Tensor? positions, Tensor bias, Tensor? rows, "
+        "Tensor cross_k, Tensor cross_v, Tensor cross_mask) -> Tensor");
   m.def("screen_bounds(Tensor product, Tensor r, Tensor x_out, Tensor rows, Tensor scale, Tensor coef, Tensor norms) -> "
         "(Tensor, Tensor)");
   m.def("token_losses(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)");

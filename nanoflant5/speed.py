@@ -35,7 +35,8 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 from .config import GenerationConfig
 from . import kernels
 from .model import T5, FeedForward, RMSNorm
-from .quantize import Int8Linear
+from .quantize import KERNEL_ROWS, Int8Linear, W8A8Linear
+from .quantize import int_mm_exact as int_mm_exact_for
 
 # Faster kernels for the decoding step's linear layers on CPU (see fast_linears): nanoflant5's own for 1-4 rows of
 # float32 (kernels.py), and packed GEMMs (PACKERS) where they measure faster than F.linear.
@@ -420,7 +421,9 @@ BLOCKS = True  # tests switch it off to compare fast_blocks with the block's own
 class BlockPlan(NamedTuple):
     """What kernels.decoder_block takes of a decoder block besides the step's tensors."""
     norms: list
-    linears: list  # weights (rows_linear) or panel copies (panel_linear)
+    linears: list  # weights (rows_linear; int8: int8_linear, w8a8_linear) or panel copies (panel_linear)
+    scales: list  # the int8 weights' scales (else empty)
+    kinds: list  # which: 0 rows_linear, 1 panel_linear, 2 int8_linear, 3 w8a8_linear
     outs: list  # each linear's output size
     eps: float
     act: str  # the feed-forward's activation (model.ACT_FNS)
@@ -432,9 +435,10 @@ class BlockPlan(NamedTuple):
 def fast_blocks(model: T5, rows: int, compile: bool = False):
     """Inside the block (entered inside fast_linears, fast_norms and fast_attention), each decoder block's decoding
     step is one call of kernels.decoder_block, which runs the block's forward on the same kernels (the output is the
-    same to the bit) without its ~60 Python-level module and operator calls: eager float32 on CPU, where every
-    linear of the decoder runs rows_linear or panel_linear and no hooks are registered (a compiled step has no such
-    calls). flan-t5-small greedy b1: 5.1 -> ~3.9 ms a step (see docs/performance.md)."""
+    same to the bit) without its ~60 Python-level module and operator calls: eager float32 activations on CPU, where
+    every linear of the decoder runs nanoflant5's kernels (rows_linear, panel_linear; int8_linear, w8a8_linear for
+    quantize.py's modes) and no hooks are registered (a compiled step has no such calls). flan-t5-small greedy b1:
+    5.1 -> ~3.9 ms a step (see docs/performance.md)."""
     blocks = model.decoder.blocks
     c = model.config
     plans = None
@@ -454,6 +458,9 @@ def fast_blocks(model: T5, rows: int, compile: bool = False):
             block.__dict__.pop("forward", None)
 
 
+_NO_SCALE = torch.empty(0)
+
+
 def block_plan(block, rows: int, act: str) -> BlockPlan | None:
     """The block's BlockPlan for `rows` rows a step, or None: a linear or norm not on nanoflant5's kernels here, or
     a hook on one of its modules."""
@@ -464,18 +471,27 @@ def block_plan(block, rows: int, act: str) -> BlockPlan | None:
     if any(norm.__dict__.get("forward") is not _NORM_FORWARDS.get(norm) or norm.weight.dtype != torch.float32
            for norm in norms):
         return None
-    taken = []
+    taken = []  # (tensor, scale, kind)
     for linear in linears:
-        forward, w = linear.__dict__.get("forward"), linear.weight
+        forward = linear.__dict__.get("forward")
+        if type(linear) in (Int8Linear, W8A8Linear):  # as their forward takes the kernels for float32 x on CPU
+            int8 = type(linear) is Int8Linear
+            if (forward is not None or linear.scale.dtype != torch.float32 or linear.q.shape[1] % 16
+                    or (rows > KERNEL_ROWS if int8 else not int_mm_exact_for(linear.in_features))):
+                return None
+            taken.append((linear.q, linear.scale, 2 if int8 else 3))
+            continue
+        w = linear.weight
         packed = _PACKED.get((w.data_ptr(), w.shape), (None, 0, None))
         if forward is not None and forward is _KERNEL_FORWARDS.get(linear) and w.dtype == torch.float32:
-            taken.append(w)
+            taken.append((w, _NO_SCALE, 0))
         elif forward is not None and forward is _FORWARDS.get(linear) and packed[1:] == (rows, "panels"):
-            taken.append(packed[0])
+            taken.append((packed[0], _NO_SCALE, 1))
         else:
             return None
-    return BlockPlan([n.weight for n in norms], taken, [linear.out_features for linear in linears],
-                     block.attn_norm.eps, act, block.ffn.gated, rows)
+    tensors, scales, kinds = zip(*taken)
+    return BlockPlan([n.weight for n in norms], list(tensors), list(scales), list(kinds),
+                     [linear.out_features for linear in linears], block.attn_norm.eps, act, block.ffn.gated, rows)
 
 
 def _fast_block(block, plan: BlockPlan, x, bias, memory, cross_mask, cache=None, pos=0, index=None):
@@ -486,9 +502,10 @@ def _fast_block(block, plan: BlockPlan, x, bias, memory, cross_mask, cache=None,
             or cross_mask.dtype != torch.float32 or x.shape[0] // memory[0].shape[0] > 16):
         return type(block).forward(block, x, bias, memory, cross_mask, cache, pos, index)
     rows = None if index is None else index[:pos + 1].remainder(x.shape[0])
-    return torch.ops.nanoflant5_cpu.decoder_block(x, plan.norms, plan.linears, plan.outs, plan.eps, plan.act,
-                                                  plan.gated, cache, 0 if positions is not None else pos, positions,
-                                                  bias, rows, memory[0], memory[1], cross_mask)
+    return torch.ops.nanoflant5_cpu.decoder_block(x, plan.norms, plan.linears, plan.scales, plan.kinds, plan.outs,
+                                                  plan.eps, plan.act, plan.gated, cache,
+                                                  0 if positions is not None else pos, positions, bias, rows,
+                                                  memory[0], memory[1], cross_mask)
 
 
 @contextmanager

@@ -172,18 +172,19 @@ def test_decoding_with_the_kernel_gives_torchs_rows(checkpoint, monkeypatch):
             assert torch.equal(greedy, rows), (kw, compile)
 
 
-@pytest.mark.parametrize("kind", ["gated-gelu-untied", "relu-tied"])
-def test_decoder_block_is_the_blocks_forward(tmp_path, kind, monkeypatch):
+@pytest.mark.parametrize("kind,quantize", [("gated-gelu-untied", None), ("relu-tied", None),
+                                           ("gated-gelu-untied", "int8"), ("gated-gelu-untied", "w8a8")])
+def test_decoder_block_is_the_blocks_forward(tmp_path, kind, quantize, monkeypatch):
     """kernels.decoder_block (speed.fast_blocks) runs a decoder block's decoding step in one call on the kernels the
     block's forward takes, so generations with it equal those without to the bit, scores included: 1-4 rows
-    (rows_linear) and 8 (panel_linear), greedy, beams (history through the cache's index), several sequences of an
+    (rows_linear) and 8 (panel_linear), the int8 modes' layers (int8_linear, w8a8_linear), greedy, beams (history through the cache's index), several sequences of an
     input (its copies' queries together over the encoder output), sampling, and the engine's steps (rows at their own
     positions). Each takes the kernel (counted) at every layer of every step."""
     from helpers import make_checkpoint
     from nanoflant5.engine import Engine, Request
 
     make_checkpoint(tmp_path, kind, d_kv=16)  # (decode_attention takes head sizes of multiples of 16)
-    model = load_model(tmp_path, dtype=torch.float32)
+    model = load_model(tmp_path, dtype=torch.float32, quantize=quantize)
     calls = []
     op = torch.ops.nanoflant5_cpu.decoder_block
     monkeypatch.setattr(torch.ops.nanoflant5_cpu, "decoder_block", lambda *a: calls.append(1) or op(*a))
