@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .config import GenerationConfig
 from .generate import beam_steps, changes_scores, decode, decoder_steps, next_tokens, prepare, process_scores
 from .model import T5, KVCache, padding_mask
-from .speed import Speedups, encode, fast_attention, fast_blocks, fast_linears, fast_norms, output_screen
+from .speed import Speedups, encode, fast_attention, fast_blocks, fast_layers, fast_linears, output_screen
 from .tokenizer import pad_rows
 
 
@@ -213,7 +213,7 @@ class Engine:
         screen = None if any(r.g.do_sample or r.logprobs is not None for r in self.running) else self.screen(N)
         with fast_linears(self.model, N, self.max_new_tokens, output_layer=screen is None, packing=False,
                           panels=self._panels), \
-                fast_norms(self.model), fast_attention(self.model), fast_blocks(self.model, N):
+                fast_layers(self.model), fast_attention(self.model), fast_blocks(self.model, N):
             hidden = decode(self.model, self.last, bias, self.cross_kv, self.cross_mask, self.cache.rows(N), pos)
             if screen is None:
                 logits = self.model.logits(hidden).float()  # (N, vocab)

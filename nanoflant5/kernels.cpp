@@ -854,7 +854,8 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 // weights with their scales[i] for int8_linear and w8a8_linear (quantize.py's modes); cache: the layer's KVCache
 // buffer (max_len, B, 2, H, D), written at pos, or at positions[i] for row i (then attention reads the bias's width
 // of positions); bias (B or 1, H, 1, pos + 1); rows: where each row's history lies (beam search, decode_attention); cross_k, cross_v (B / G, H, S, D) and cross_mask (B / G, 1, 1, S) for G copies of
-// each input. act: the feed-forward's activation ("relu", "gelu", "gelu_new", "silu"), gated or not.
+// each input. act: the feed-forward's activation ("relu", "gelu", "gelu_new", "silu"), gated or not, or "gated_gelu":
+// gated_gelu's.
 at::Tensor linear_of(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t kind, int64_t N) {
   switch (kind) {
     case 0: return rows_linear(x, w);
@@ -909,7 +910,9 @@ at::Tensor decoder_block(const at::Tensor& x, at::TensorList norms, at::TensorLi
   out = out.add(linear(y.transpose(1, 2).reshape({B, 1, H * D}), 3));
   // feed-forward
   at::Tensor h = linear(rms_norm(out, norms[2], eps), 4);
-  if (gated) {
+  if (act == "gated_gelu") {  // FLAN-T5's, through gated_gelu (speed.fused_layers)
+    h = gated_gelu(h);
+  } else if (gated) {
     const int64_t F = h.size(-1) / 2;
     h = activation(h.slice(-1, 0, F), act).mul(h.slice(-1, F));
   } else {

@@ -17,8 +17,9 @@ decoder linears, weights streamed from memory (ms; MKL's packed GEMM in brackets
 32 rows 35 (46), 64 rows 56 (60). With one weight in cache MKL's is 5-8% faster: the difference is the overlap.
 
 decode_attention is a decoding step's attention (one query a row, or beam search's few): one pass over each row's
-and head's keys, a softmax, one pass over its values; beam search's gather of each row's history is read through
-the cache's index instead of copied. torch's SDPA spends most of such a call on per-(row, head) set-up.
+keys, its heads side by side as the cache holds them, a softmax, one pass over its values; beam search's gather of
+each row's history is read through the cache's index instead of copied. torch's SDPA spends most of such a call on
+per-(row, head) set-up.
 
 decoder_block is a decoder block's whole decoding step (layer norms, linears, the cache write, both attentions, the
 feed-forward, residuals) on the kernels above, in one call: the block's forward makes ~60 Python-level module and

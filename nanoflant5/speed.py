@@ -5,8 +5,8 @@ generate.py makes a Speedups for each call (`decoding`) and asks it for the step
 - faster kernels for a decoding step's linear layers on CPU (fast_linears): nanoflant5's own for 1-4 rows
   of float32 (kernels.py), else packed GEMMs (nanoflant5's panel_linear, MKL's or oneDNN's, whichever measures
   fastest on the CPU at hand), with packed copies kept between compiled calls;
-- the decoder's layer norms and attention through kernels in eager decoding (fast_norms, fast_attention), and each
-  decoder block's step in one kernel call (fast_blocks);
+- the layer norms, activations and attention through kernels in eager decoding (fast_layers, fast_attention), and
+  each decoder block's step in one kernel call (fast_blocks);
 - greedy decoding's output layer read as int8 (OutputScreen), which still picks the full layer's token;
 - argmax and top-k by blocks of the vocabulary on CPU (argmax, top_k), exactly torch's results;
 - torch.compile of the decoding step, with an eager fallback (compiled_step).
@@ -93,7 +93,7 @@ def decoding(model: T5, g: GenerationConfig, rows: int, dtype: torch.dtype, comp
     fast = Speedups(model, g, rows, dtype, compile, scores)
     start = time.perf_counter()
     with fast_linears(model, rows, g.new_tokens, output_layer=fast.screen is None, keep=compile), \
-            fast_norms(model, compile), fast_attention(model, compile), fast_blocks(model, rows, compile):
+            fast_layers(model, compile), fast_attention(model, compile), fast_blocks(model, rows, compile):
         last_path += " + int8 screen" * (fast.screen is not None) + " + compiled" * compile
         yield fast
     if not compile:
@@ -359,17 +359,16 @@ def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, ke
 
 
 @contextmanager
-def fast_norms(model: T5, compile: bool = False):
-    """Inside the block, the decoder's layer norms run kernels.rms_norm, one operator call where torch's rms_norm on
-    CPU makes ~20 (2.2 against 9 us for one row of flan-t5-small; a decoding step has 3 per layer): eager float32 on
-    CPU (a compiled step fuses them itself)."""
-    norms = [n for b in model.decoder.blocks for n in (b.attn_norm, b.cross_norm, b.ffn_norm)]
-    norms.append(model.decoder.final_norm)
-    w = norms[0].weight
+def fast_layers(model: T5, compile: bool = False):
+    """Inside the block, the layer norms and gated-GELU activations run kernels.rms_norm and kernels.gated_gelu
+    (fused_layers): eager float32 decoding on CPU (a compiled step fuses them itself). A layer norm is one operator
+    call where torch's rms_norm on CPU makes ~20 (2.2 against 9 us for one row of flan-t5-small; a decoding step has
+    3 per layer); the activation one pass where gelu and mul make two (32 rows of flan-t5-base: 18 against 62 us)."""
+    w = model.decoder.final_norm.weight
     if compile or not KERNELS or w.dtype != torch.float32 or w.device.type != "cpu" or not kernels.available():
         yield
         return
-    with forwards(norms, _NORM_FORWARDS, partial(torch.ops.nanoflant5_cpu.rms_norm, eps=norms[0].eps)):
+    with fused_layers(model):
         yield
 
 
@@ -426,14 +425,14 @@ class BlockPlan(NamedTuple):
     kinds: list  # which: 0 rows_linear, 1 panel_linear, 2 int8_linear, 3 w8a8_linear
     outs: list  # each linear's output size
     eps: float
-    act: str  # the feed-forward's activation (model.ACT_FNS)
+    act: str  # the feed-forward's activation (model.ACT_FNS), or "gated_gelu": kernels.gated_gelu
     gated: bool
     rows: int  # a step's rows
 
 
 @contextmanager
 def fast_blocks(model: T5, rows: int, compile: bool = False):
-    """Inside the block (entered inside fast_linears, fast_norms and fast_attention), each decoder block's decoding
+    """Inside the block (entered inside fast_linears, fast_layers and fast_attention), each decoder block's decoding
     step is one call of kernels.decoder_block, which runs the block's forward on the same kernels (the output is the
     same to the bit) without its ~60 Python-level module and operator calls: eager float32 activations on CPU, where
     every linear of the decoder runs nanoflant5's kernels (rows_linear, panel_linear; int8_linear, w8a8_linear for
@@ -468,8 +467,12 @@ def block_plan(block, rows: int, act: str) -> BlockPlan | None:
     linears = [block.attn.qkv, block.attn.o, block.cross.q, block.cross.o, block.ffn.wi, block.ffn.wo]
     if any(m._forward_hooks or m._forward_pre_hooks for m in block.modules()):
         return None
-    if any(norm.__dict__.get("forward") is not _NORM_FORWARDS.get(norm) or norm.weight.dtype != torch.float32
+    if any(getattr(norm.__dict__.get("forward"), "func", None) is not _fused_norm or norm.weight.dtype != torch.float32
            for norm in norms):
+        return None
+    if getattr(block.ffn.__dict__.get("activation"), "func", None) is _fused_activation:
+        act = "gated_gelu"  # (fused_layers: kernels.gated_gelu)
+    elif "activation" in block.ffn.__dict__:
         return None
     taken = []  # (tensor, scale, kind)
     for linear in linears:
@@ -615,7 +618,6 @@ def pack(linear: nn.Linear, packer: str, rows: int, keep: bool):
 _PACKED: dict[tuple, tuple[torch.Tensor, int, str]] = {}  # -> (packed copy, rows, packer)
 _FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> its packed forward
 _KERNEL_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # linear -> its rows_linear forward
-_NORM_FORWARDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer norm -> its rms_norm forward
 
 
 def _packed_linear(x, weight):

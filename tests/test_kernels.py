@@ -141,9 +141,10 @@ def test_rms_norm_is_t5s_layer_norm(rows):
 
 def test_decoding_with_the_kernel_gives_torchs_rows(checkpoint, monkeypatch):
     """float32 on CPU, 1-4 rows a step: the decoder's and output layer's linears run rows_linear (fast_linears), its
-    layer norms rms_norm (fast_norms), its attention decode_attention (fast_attention), and generate gives the rows
-    of decoding with torch's kernels (scores to float32 rounding): greedy (1 and 4 inputs),
-    beams (4 beams of 1 input, 2 of 2), compiled and eager. Afterwards the layers are plain nn.Linear again."""
+    layer norms rms_norm and its activations gated_gelu (fast_layers), its attention decode_attention
+    (fast_attention), and generate gives the rows of decoding with torch's kernels (scores to float32 rounding):
+    greedy (1 and 4 inputs), beams (4 beams of 1 input, 2 of 2), compiled and eager. Afterwards the layers are plain
+    nn.Linear again."""
     folder, _ = checkpoint("gated-gelu-untied")
     model = load_model(folder, dtype=torch.float32)
     with S.fast_linears(model, 3, 16):
@@ -151,12 +152,15 @@ def test_decoding_with_the_kernel_gives_torchs_rows(checkpoint, monkeypatch):
         assert all(m.forward.func is torch.ops.nanoflant5_cpu.rows_linear for m in step_linears + [model.lm_head])
     with S.fast_linears(model, 3, 15):  # too few steps to be worth a build on first use: torch's kernels
         assert not any("forward" in m.__dict__ for m in model.modules())
-    with S.fast_norms(model):  # the decoder's layer norms
-        assert model.decoder.final_norm.forward.func is torch.ops.nanoflant5_cpu.rms_norm
-        assert all(b.cross_norm.forward.func is torch.ops.nanoflant5_cpu.rms_norm for b in model.decoder.blocks)
+    with S.fast_layers(model):  # the layer norms and activations
+        assert model.decoder.final_norm.forward.func is S._fused_norm
+        assert all(b.cross_norm.forward.func is S._fused_norm and b.ffn.activation.func is S._fused_activation
+                   for b in model.decoder.blocks)
+    with S.fast_layers(model, compile=True):  # a compiled step fuses them itself
+        assert not any("forward" in m.__dict__ for m in model.modules())
     with S.fast_attention(model):
         assert all("attend" in b.cross.__dict__ and "attend_cache" in b.attn.__dict__ for b in model.decoder.blocks)
-    assert not any({"forward", "attend", "attend_cache"} & set(m.__dict__) for m in model.modules())
+    assert not any({"forward", "attend", "attend_cache", "activation"} & set(m.__dict__) for m in model.modules())
     ids, mask = random_batch(96, LENGTHS, seed=11)
     for sl, kw in [(slice(0, 1), {}), (slice(0, 4), {}), (slice(0, 1), dict(num_beams=4)),
                    (slice(1, 3), dict(num_beams=2, num_return_sequences=2))]:
