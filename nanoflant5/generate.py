@@ -163,10 +163,11 @@ def generate(model: T5, input_ids, attention_mask=None, *, seed: int | None = No
     search transformers' sequence score (sum of processed log-probabilities / length**length_penalty), otherwise
     the sum of the model's log-probabilities of the generated tokens (</s> included). compile=True runs the decoding
     step through torch.compile (speed.compiled_step): the first call of each kind compiles (9-60 s on CPU for
-    flan-t5-small and base), later ones decode faster (docs/performance.md), and batched CPU decoding keeps its
-    packed weights between calls (speed.fast_linears). compile=None (the default): eager until this model's eager
-    decoding in this process has taken as long as compiling takes, then compiled (CPU; speed.compile_pays);
-    compile=False: never."""
+    flan-t5-small and base), and batched CPU decoding keeps its packed weights between calls (speed.fast_linears).
+    compile=None (the default): eager until this model's eager decoding in this process has taken as long as
+    compiling takes, then compiled (CPU; speed.compile_pays), except where the eager step runs each decoder block in
+    one kernel call (float32 activations on CPU), which measured as fast as compiled or faster; compile=False:
+    never."""
     with torch.inference_mode():
         g, attention_mask, rng = prepare(model, input_ids, attention_mask, seed, generator, kwargs)
         encoded = encode(model, input_ids, attention_mask)

@@ -107,13 +107,17 @@ def decoding(model: T5, g: GenerationConfig, rows: int, dtype: torch.dtype, comp
 # "never compile" and "compile at once". A short job (a CLI call, a first request) never waits for a compiler; a long
 # or repeated one is compiled early in it. How long compiling takes is measured when it happens and kept beside
 # torch's compile cache (a later process with that cache compiles in ~9 s instead of ~33 s for flan-t5-small), else
-# COMPILE_SECONDS is assumed.
+# COMPILE_SECONDS is assumed. Except where the eager step runs each decoder block in one kernel call (fast_blocks:
+# float32 activations on CPU, the int8 modes too): there the eager step measured as fast as the compiled one or
+# faster (flan-t5-small greedy b1 0.382 against 0.421 s, b8 0.633 / 0.704, b32 1.457 / 1.635; flan-t5-base greedy
+# b1 1.227 / 1.237), so compiling would not pay, and compile=None stays eager.
 COMPILE_AUTO = True  # tests switch it off: their default path stays eager
 COMPILE_SECONDS = 30.0  # the guess before a measurement: flan-t5-small's step with an empty cache took 33 s here
 MIN_COMPILE_SECONDS = 2.0  # no compile has taken less (nor is the file of measurements read before)
 _EAGER_SECONDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> eager decoding seconds so far
 _COMPILE_FAILED: set = set()  # device types where compiling failed in this process: not tried again unasked
 _COMPILING: weakref.WeakSet = weakref.WeakSet()  # models compile=None compiles
+_BLOCKS_TAKEN: weakref.WeakSet = weakref.WeakSet()  # models whose last eager decoding took fast_blocks
 _MEASURED: set = set()  # compile keys timed in this process (a later compile of the same key reuses dynamo's work)
 
 
@@ -124,6 +128,8 @@ def compile_pays(model: T5, dtype: torch.dtype) -> bool:
         return False
     if model in _COMPILING:
         return True
+    if model in _BLOCKS_TAKEN:  # (see above)
+        return False
     spent = _EAGER_SECONDS.get(model, 0.0)
     if spent >= MIN_COMPILE_SECONDS and spent >= compile_seconds(compile_key(model, dtype)):
         _COMPILING.add(model)  # from now on (its compiled graphs are kept)
@@ -446,8 +452,11 @@ def fast_blocks(model: T5, rows: int, compile: bool = False):
             and not (_global_forward_hooks or _global_forward_pre_hooks)):
         plans = [block_plan(block, rows, c.activation) for block in blocks]
     if plans is None or None in plans:
+        if not compile:
+            _BLOCKS_TAKEN.discard(model)
         yield
         return
+    _BLOCKS_TAKEN.add(model)
     try:
         for block, plan in zip(blocks, plans):
             block.forward = partial(_fast_block, block, plan)

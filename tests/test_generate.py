@@ -348,6 +348,34 @@ def test_default_compiles_once_compiling_pays(checkpoint, monkeypatch, tmp_path)
     assert compiles == [1]
 
 
+def test_default_stays_eager_where_blocks_run_in_one_call(tmp_path, monkeypatch):
+    """compile=None where the eager step runs each decoder block in one kernel call (speed.fast_blocks: float32 on
+    CPU, head sizes of multiples of 16): eager however long it has decoded, since the eager step measured as fast as
+    the compiled one; once that path no longer applies (a hook on a block), the rule of compile_pays again."""
+    from nanoflant5 import kernels
+
+    if not kernels.available():
+        pytest.skip("no C++ compiler to build the kernels")
+    monkeypatch.setattr(S, "COMPILE_AUTO", True)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(S, "MIN_COMPILE_SECONDS", 0.0)
+    monkeypatch.setattr(S, "COMPILE_SECONDS", 1e-9)
+    monkeypatch.setattr(S, "_COMPILING", __import__("weakref").WeakSet())
+    compiles = []
+    monkeypatch.setattr(S, "compiled_step", lambda step, device, on_compiled=None: compiles.append(1) or step)
+    make_checkpoint(tmp_path / "ckpt", "gated-gelu-untied", d_kv=16)
+    model = load_model(tmp_path / "ckpt", dtype=torch.float32)
+    ids, mask = random_batch(96, LENGTHS[:2], seed=10)
+    for _ in range(3):
+        model.generate(ids, mask, max_new_tokens=16)
+    assert not compiles and model in S._BLOCKS_TAKEN
+    handle = model.decoder.blocks[0].register_forward_hook(lambda *args: None)
+    model.generate(ids, mask, max_new_tokens=16)  # eager, without fast_blocks: now compiling pays
+    model.generate(ids, mask, max_new_tokens=16)
+    handle.remove()
+    assert compiles == [1] and model not in S._BLOCKS_TAKEN
+
+
 def test_compiled_step_matches_eager(checkpoint, monkeypatch):
     """generate(compile=True) runs the decoding step through torch.compile (one compilation serves every position and
     both calls) and gives the eager rows: greedy on a padded batch, 3 beams (3 rows: not packed, the rows_linear
