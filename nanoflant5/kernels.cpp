@@ -853,9 +853,9 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 // kinds[i]: 0 a weight (N, K) for rows_linear, 1 a copy packed for panel_linear with N = outs[i], 2 and 3 int8
 // weights with their scales[i] for int8_linear and w8a8_linear (quantize.py's modes); cache: the layer's KVCache
 // buffer (max_len, B, 2, H, D), written at pos, or at positions[i] for row i (then attention reads the bias's width
-// of positions); bias (B or 1, H, 1, pos + 1); rows: where each row's history lies (beam search, decode_attention); cross_k, cross_v (B / G, H, S, D) and cross_mask (B / G, 1, 1, S) for G copies of
-// each input. act: the feed-forward's activation ("relu", "gelu", "gelu_new", "silu"), gated or not, or "gated_gelu":
-// gated_gelu's.
+// of positions); bias (B or 1, H, 1, pos + 1); rows: where each row's history lies (beam search, decode_attention);
+// cross_k, cross_v (B / G, H, S, D) and cross_mask (B / G, 1, 1, S) for G copies of each input. act: the
+// feed-forward's activation ("relu", "gelu", "gelu_new", "silu"), gated or not, or "gated_gelu": gated_gelu's.
 at::Tensor linear_of(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t kind, int64_t N) {
   switch (kind) {
     case 0: return rows_linear(x, w);
@@ -874,12 +874,13 @@ at::Tensor activation(const at::Tensor& h, c10::string_view act) {
 }
 
 at::Tensor decoder_block(const at::Tensor& x, at::TensorList norms, at::TensorList linears, at::TensorList scales,
-                         at::IntArrayRef kinds, at::IntArrayRef outs, double eps, c10::string_view act, bool gated, const at::Tensor& cache, int64_t pos,
-                         const std::optional<at::Tensor>& positions, const at::Tensor& bias, const std::optional<at::Tensor>& rows, const at::Tensor& cross_k,
+                         at::IntArrayRef kinds, at::IntArrayRef outs, double eps, c10::string_view act, bool gated,
+                         const at::Tensor& cache, int64_t pos, const std::optional<at::Tensor>& positions,
+                         const at::Tensor& bias, const std::optional<at::Tensor>& rows, const at::Tensor& cross_k,
                          const at::Tensor& cross_v, const at::Tensor& cross_mask) {
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1 && norms.size() == 3 && linears.size() == 6 && scales.size() == 6 &&
-              kinds.size() == 6 && outs.size() == 6 &&
-              cache.dim() == 5 && cache.size(1) == x.size(0) && pos >= 0 && pos < cache.size(0) &&
+              kinds.size() == 6 && outs.size() == 6 && cache.dim() == 5 && cache.size(1) == x.size(0) && pos >= 0 &&
+              pos < cache.size(0) &&
               cross_k.dim() == 4 && cross_k.size(0) > 0 && x.size(0) % cross_k.size(0) == 0,
               "decoder_block: x (B, 1, d), 3 norms, 6 linears and a cache (max_len, B, 2, H, D) expected");
   const int64_t B = x.size(0), H = cache.size(3), D = cache.size(4), G = B / cross_k.size(0);
@@ -926,13 +927,15 @@ at::Tensor decoder_block(const at::Tensor& x, at::TensorList norms, at::TensorLi
 // returned as (approx - b, approx + b). product (M, V) int32; r (M, 1); x_out (M, O), the outlying channels of x;
 // rows (O, V) int8, the screen's rows for them; scale (V,); coef (M, 3); norms (3, V). The arithmetic is in float32
 // in another order than torch's (with fused multiply-adds), which the bound's rounding term allows for.
-std::tuple<at::Tensor, at::Tensor> screen_bounds(const at::Tensor& product, const at::Tensor& r, const at::Tensor& x_out,
-                                                 const at::Tensor& rows, const at::Tensor& scale,
-                                                 const at::Tensor& coef, const at::Tensor& norms) {
+std::tuple<at::Tensor, at::Tensor> screen_bounds(const at::Tensor& product, const at::Tensor& r,
+                                                 const at::Tensor& x_out, const at::Tensor& rows,
+                                                 const at::Tensor& scale, const at::Tensor& coef,
+                                                 const at::Tensor& norms) {
   TORCH_CHECK(product.scalar_type() == at::kInt && rows.scalar_type() == at::kChar && r.scalar_type() == at::kFloat &&
               x_out.scalar_type() == at::kFloat && scale.scalar_type() == at::kFloat &&
               coef.scalar_type() == at::kFloat && norms.scalar_type() == at::kFloat && product.dim() == 2 &&
-              product.device().is_cpu() && rows.device().is_cpu(), "screen_bounds: CPU tensors of the screen's dtypes expected");
+              product.device().is_cpu() && rows.device().is_cpu(),
+              "screen_bounds: CPU tensors of the screen's dtypes expected");
   const int64_t M = product.size(0), V = product.size(1), O = x_out.size(1);
   TORCH_CHECK(r.numel() == M && x_out.dim() == 2 && x_out.size(0) == M && rows.dim() == 2 && rows.size(0) == O &&
               rows.size(1) == V && scale.numel() == V && coef.dim() == 2 && coef.size(0) == M && coef.size(1) == 3 &&
@@ -949,21 +952,20 @@ std::tuple<at::Tensor, at::Tensor> screen_bounds(const at::Tensor& product, cons
   at::parallel_for(0, (V + COLS - 1) / COLS, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t m = 0; m < M; m++) {
       const float rm = rp[m], *xm = xp + m * O, *cm = cp + m * 3;
-      for (int64_t v = c0 * COLS, end = std::min(V, c1 * COLS); v < end; v++) {  // scalar: the columns' tail
-        if (v + L <= end) {
-          typedef int32_t vi __attribute__((vector_size(64)));
-          vi p;
-          std::memcpy(&p, pp + m * V + v, sizeof p);
-          vfloat acc = __builtin_convertvector(p, vfloat) * rm;
-          for (int64_t j = 0; j < O; j++) acc += xm[j] * load_int8(qp + j * V + v);
-          const vfloat approx = acc * load(sp + v);
-          const vfloat b = cm[0] * load(np + v) + cm[1] * load(np + V + v) + cm[2] * load(np + 2 * V + v);
-          const vfloat lo = approx - b, hi = approx + b;
-          std::memcpy(lp + m * V + v, &lo, sizeof lo);
-          std::memcpy(up + m * V + v, &hi, sizeof hi);
-          v += L - 1;
-          continue;
-        }
+      const int64_t end = std::min(V, c1 * COLS);
+      int64_t v = c0 * COLS;
+      for (; v + L <= end; v += L) {
+        vint p;
+        std::memcpy(&p, pp + m * V + v, sizeof p);
+        vfloat acc = __builtin_convertvector(p, vfloat) * rm;
+        for (int64_t j = 0; j < O; j++) acc += xm[j] * load_int8(qp + j * V + v);
+        const vfloat approx = acc * load(sp + v);
+        const vfloat b = cm[0] * load(np + v) + cm[1] * load(np + V + v) + cm[2] * load(np + 2 * V + v);
+        const vfloat lo = approx - b, hi = approx + b;
+        std::memcpy(lp + m * V + v, &lo, sizeof lo);
+        std::memcpy(up + m * V + v, &hi, sizeof hi);
+      }
+      for (; v < end; v++) {  // the last columns
         float acc = float(pp[m * V + v]) * rm;
         for (int64_t j = 0; j < O; j++) acc += xm[j] * float(qp[j * V + v]);
         const float approx = acc * sp[v], b = cm[0] * np[v] + cm[1] * np[V + v] + cm[2] * np[2 * V + v];
@@ -991,8 +993,8 @@ TORCH_LIBRARY(nanoflant5_cpu, m) {
   m.def("decoder_block(Tensor x, Tensor[] norms, Tensor[] linears, Tensor[] scales, int[] kinds, int[] outs, "
         "float eps, str act, bool gated, Tensor(a!) cache, int pos, Tensor? positions, Tensor bias, Tensor? rows, "
         "Tensor cross_k, Tensor cross_v, Tensor cross_mask) -> Tensor");
-  m.def("screen_bounds(Tensor product, Tensor r, Tensor x_out, Tensor rows, Tensor scale, Tensor coef, Tensor norms) -> "
-        "(Tensor, Tensor)");
+  m.def("screen_bounds(Tensor product, Tensor r, Tensor x_out, Tensor rows, Tensor scale, Tensor coef, "
+        "Tensor norms) -> (Tensor, Tensor)");
   m.def("token_losses(Tensor logits, Tensor labels, int ignore_index) -> (Tensor, Tensor)");
   m.def("token_losses_backward(Tensor grad, Tensor logits, Tensor labels, Tensor lse, int ignore_index) -> Tensor");
 #ifdef INT8_ROWS
