@@ -94,7 +94,8 @@ def decoding(model: T5, g: GenerationConfig, rows: int, dtype: torch.dtype, comp
     start = time.perf_counter()
     with fast_linears(model, rows, g.new_tokens, output_layer=fast.screen is None, keep=compile), \
             fast_layers(model, compile), fast_attention(model, compile), fast_blocks(model, rows, compile):
-        last_path += " + int8 screen" * (fast.screen is not None) + " + compiled" * compile
+        last_path += (" + int8 screen" * (fast.screen is not None) + " + compiled" * compile
+                      + " + decoder_block" * (not compile and model in _BLOCKS_TAKEN))
         yield fast
     if not compile:
         _EAGER_SECONDS[model] = _EAGER_SECONDS.get(model, 0.0) + time.perf_counter() - start
