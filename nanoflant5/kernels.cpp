@@ -554,9 +554,10 @@ void attend_rows(const float* qp, const float* kp, const float* vp, const float*
       auto row = [&](int64_t s) { return rp ? rp[s * rs[0] + b * rs[1]] : b; };
       // position s's keys or values of the group's heads, fetched AHEAD_KEYS positions ahead
       auto fetch = [&](const float* base, const int64_t* st, int64_t s) {
-        if (s < S)
-          for (int64_t h = h0; h < h0 + nh; h++)
-            for (int c = 0; c < C; c++) __builtin_prefetch(base + row(s) * st[0] + h * st[1] + s * st[2] + c * L);
+        if (s >= S) return;
+        const float* at_s = base + row(s) * st[0] + s * st[2];
+        for (int64_t h = h0; h < h0 + nh; h++)
+          for (int c = 0; c < C; c++) __builtin_prefetch(at_s + h * st[1] + c * L);
       };
       for (int64_t s = 0; s < S; s++) {  // scores: position by position, the group's heads side by side
         fetch(kp, ks, s + AHEAD_KEYS);

@@ -400,10 +400,16 @@ def fast_attention(model: T5, compile: bool = False):
             block.cross.__dict__.pop("attend", None)
 
 
+def _kernel_shapes(head_size: int, queries: int) -> bool:
+    """Whether kernels.decode_attention takes heads of this size (a multiple of 16, up to 128) with this many queries
+    a row (a few: up to 16)."""
+    return not head_size % 16 and head_size <= 128 and queries <= 16
+
+
 def _kernel_takes(q, k) -> bool:
     """Whether kernels.decode_attention takes these queries (B, H, M, D) and keys (its checks, and a few queries)."""
-    return (q.dtype == k.dtype == torch.float32 and q.device.type == "cpu" and q.shape[2] <= 16
-            and not q.shape[3] % 16 and q.shape[3] <= 128 and q.stride(3) == 1 and k.stride(3) == 1)
+    return (q.dtype == k.dtype == torch.float32 and q.device.type == "cpu" and _kernel_shapes(q.shape[3], q.shape[2])
+            and q.stride(3) == 1 and k.stride(3) == 1)
 
 
 def _attend_cache(attn, q, kv, bias, index=None):
@@ -449,7 +455,7 @@ def fast_blocks(model: T5, rows: int, compile: bool = False):
     c = model.config
     plans = None
     if (BLOCKS and not compile and KERNELS and model.shared.weight.device.type == "cpu" and kernels.available()
-            and c.activation in ("relu", "gelu", "gelu_new", "silu") and not c.d_kv % 16 and c.d_kv <= 128
+            and c.activation in ("relu", "gelu", "gelu_new", "silu") and _kernel_shapes(c.d_kv, 1)
             and not (_global_forward_hooks or _global_forward_pre_hooks)):
         plans = [block_plan(block, rows, c.activation) for block in blocks]
     if plans is None or None in plans:
@@ -512,7 +518,8 @@ def _fast_block(block, plan: BlockPlan, x, bias, memory, cross_mask, cache=None,
     if (block.training or cache is None or torch.is_tensor(memory) or x.shape != (plan.rows, 1, x.shape[2])
             or (positions is not None and (index is not None or positions.device.type != "cpu"))
             or x.dtype != torch.float32 or bias.dtype != torch.float32 or cross_mask is None
-            or cross_mask.dtype != torch.float32 or x.shape[0] // memory[0].shape[0] > 16):
+            or cross_mask.dtype != torch.float32
+            or not _kernel_shapes(memory[0].shape[3], x.shape[0] // memory[0].shape[0])):  # (copies: queries a row)
         return type(block).forward(block, x, bias, memory, cross_mask, cache, pos, index)
     rows = None if index is None else index[:pos + 1].remainder(x.shape[0])
     return torch.ops.nanoflant5_cpu.decoder_block(x, plan.norms, plan.linears, plan.scales, plan.kinds, plan.outs,
