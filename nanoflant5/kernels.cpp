@@ -10,6 +10,7 @@
 //   layer's int8 screen), where the CPU has AVX-512 VNNI;
 // - w8a8_linear(x (..., K), w (N, K), scale (N,)): x's rows quantized to int8 (each row's own scale), multiplied with
 //   int8 w exactly in int32 by torch's _int_mm (oneDNN: AMX or VNNI), then times both scales (quantize.py's w8a8);
+//   w8a16_linear the same with x's rows quantized to 16 bits, as two int8 digits (weight-only int8 past a few rows);
 // - rms_norm(x (..., D), w (D,), eps) = w * (x * rsqrt(mean(x^2) + eps)) for float32, T5's layer norm in one call
 //   (torch's rms_norm on CPU is some 20 operator calls), and rms_norm_backward, its gradients in one call;
 // - gated_gelu(h (..., 2F)) = gelu_tanh(h[..., :F]) * h[..., F:], FLAN-T5's gated feed-forward activation on the
@@ -777,25 +778,50 @@ at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& w) {
 }
 #endif
 
-// Each row of x as int8 q and a scale s (max |x| / 127, 1 for a zero row) with x ~ s q, q = x / s rounded to nearest
-// even; then y = (float(q . w_n) * s) * scale_n. The same arithmetic, step by step, as quantize.w8a8_reference.
-at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+// q = src / s rounded to nearest even, as int8 (|src| <= 127.5 s: no clamping needed); where rest is given, also
+// rest = src - q s with one rounding (fma), what q leaves of src.
+void digit(const float* src, int8_t* q, float* rest, int64_t K, float s) {
+  int64_t k = 0;
+#ifdef __AVX512F__
+  const __m512 vs = _mm512_set1_ps(s);
+  for (; k + L <= K; k += L) {  // IEEE division and round-to-nearest-even, as the scalar loop
+    const __m512 x = _mm512_loadu_ps(src + k);
+    const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(x, vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)));
+    if (rest) _mm512_storeu_ps(rest + k, _mm512_fnmadd_ps(r, vs, x));
+  }
+#endif
+  for (; k < K; k++) {
+    const float r = std::nearbyint(src[k] / s);
+    q[k] = int8_t(r);
+    if (rest) rest[k] = std::fma(-r, s, src[k]);
+  }
+}
+
+// x (..., K) times int8 w (N, K) with float32 scales (N,), x's rows taken as integers of one or two int8 digits:
+// with s1 = max |x_row| / 127 (1 for a zero row), q1 = x / s1 rounded to nearest even (one digit: w8a8); two digits
+// (w8a16) also q2 = (x - q1 s1) / s2 rounded likewise, s2 = s1 / 254, so that |x - s1 q1 - s2 q2| <= s2 / 2 = max
+// |x_row| / 64516: x to 16 bits. Each digit's products with w are summed exactly in int32 (int8_rows for up to 8 rows
+// of digits, else torch's _int_mm: oneDNN's AMX or VNNI kernels), then y = (float(q1 . w_n) s1 + float(q2 . w_n) s2)
+// scale_n. quantize.w8a8_reference and w8a16_reference do the same arithmetic step by step.
+at::Tensor int8_product(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t digits,
+                        const char* name) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat &&
               x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu(),
-              "w8a8_linear: float32 x, int8 weight and float32 scale on CPU expected");
+              name, ": float32 x, int8 weight and float32 scale on CPU expected");
   const int64_t K = w.size(1), N = w.size(0);
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && scale.is_contiguous() && scale.numel() == N && x.size(-1) == K,
-              "w8a8_linear: a contiguous (N, K) weight, (N,) scales and x (..., K) expected");
+              name, ": a contiguous (N, K) weight, (N,) scales and x (..., K) expected");
   at::Tensor x2 = x.reshape({-1, K}).contiguous();
-  const int64_t M = x2.size(0);
-  at::Tensor xq = at::empty({M, K}, x.options().dtype(at::kChar));
-  std::vector<float> sx(M);
+  const int64_t M = x2.size(0), D = digits * M;  // rows of digits: the first digits of all rows, then the second
+  at::Tensor xq = at::empty({D, K}, x.options().dtype(at::kChar));
+  std::vector<float> sx(D);
   const float* xp = x2.data_ptr<float>();
   int8_t* qp = xq.data_ptr<int8_t>();
   at::parallel_for(0, M, 8, [&](int64_t m0, int64_t m1) {
+    std::vector<float> rest(digits > 1 ? K : 0);
     for (int64_t m = m0; m < m1; m++) {
       const float* row = xp + m * K;
-      int8_t* q = qp + m * K;
       float amax = 0.0f;
       int64_t k = 0;
 #ifdef __AVX512F__
@@ -804,42 +830,45 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
       amax = _mm512_reduce_max_ps(vmax);  // (max is exact in any order)
 #endif
       for (; k < K; k++) amax = std::max(amax, std::fabs(row[k]));
-      const float s = amax > 0.0f ? amax / 127.0f : 1.0f;
-      k = 0;
-#ifdef __AVX512F__
-      const __m512 vs = _mm512_set1_ps(s);
-      for (; k + L <= K; k += L) {  // IEEE division and round-to-nearest-even, as the scalar loop
-        const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(row + k), vs),
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(r)));
+      sx[m] = amax > 0.0f ? amax / 127.0f : 1.0f;
+      digit(row, qp + m * K, digits > 1 ? rest.data() : nullptr, K, sx[m]);
+      if (digits > 1) {
+        sx[M + m] = sx[m] / 254.0f;
+        digit(rest.data(), qp + (M + m) * K, nullptr, K, sx[M + m]);
       }
-#endif
-      for (; k < K; k++) q[k] = int8_t(std::nearbyint(row[k] / s));
-      sx[m] = s;
     }
   });
   at::Tensor y = linear_output(x, N);
   float* yp = y.data_ptr<float>();
   const float* sp = scale.data_ptr<float>();
-  // y[:, n0:n0+nc] from the exact int32 sums of those columns
+  // y[:, n0:n0+nc] from the exact int32 sums of those columns, (D, nc)
   auto scale_into = [&](const at::Tensor& acc, int64_t n0, int64_t nc) {
     const int32_t* ap = acc.data_ptr<int32_t>();
     at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-      for (int64_t m = m0; m < m1; m++)
-        for (int64_t n = 0; n < nc; n++) yp[m * N + n0 + n] = (float(ap[m * nc + n]) * sx[m]) * sp[n0 + n];
+      for (int64_t m = m0; m < m1; m++) {
+        float* out = yp + m * N + n0;
+        const int32_t* a1 = ap + m * nc;
+        if (digits == 1) {
+          for (int64_t n = 0; n < nc; n++) out[n] = (float(a1[n]) * sx[m]) * sp[n0 + n];
+        } else {
+          const int32_t* a2 = ap + (M + m) * nc;
+          for (int64_t n = 0; n < nc; n++)
+            out[n] = std::fma(float(a1[n]), sx[m], float(a2[n]) * sx[M + m]) * sp[n0 + n];
+        }
+      }
     });
   };
 #ifdef INT8_ROWS
-  if (M <= 8 && K <= 65536) {  // few rows: the weight streamed once (int8_rows), faster than oneDNN's GEMM there
-    const std::vector<uint8_t> xu = plus_128(qp, M * K);
-    at::Tensor acc = at::empty({M, N}, x.options().dtype(at::kInt));
-    rows8_of(xu.data(), w.data_ptr<int8_t>(), acc.data_ptr<int32_t>(), M, K, N);
+  if (D <= 8 && K <= 65536) {  // few rows: the weight streamed once (int8_rows), faster than oneDNN's GEMM there
+    const std::vector<uint8_t> xu = plus_128(qp, D * K);
+    at::Tensor acc = at::empty({D, N}, x.options().dtype(at::kInt));
+    rows8_of(xu.data(), w.data_ptr<int8_t>(), acc.data_ptr<int32_t>(), D, K, N);
     scale_into(acc, 0, N);
     return y;
   }
 #endif
   // oneDNN's int8 GEMM slows down 3x past ~1536 columns for encoder-sized inputs (4096 rows): 1024 at a time there
-  const int64_t chunk = M >= 512 ? 1024 : N;
+  const int64_t chunk = D >= 512 ? 1024 : N;
   for (int64_t n0 = 0; n0 < N; n0 += chunk) {
     const int64_t nc = std::min(chunk, N - n0);
     scale_into(at::_int_mm(xq, w.narrow(0, n0, nc).t()), n0, nc);
@@ -847,12 +876,20 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return y;
 }
 
+at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  return int8_product(x, w, scale, 1, "w8a8_linear");
+}
+
+at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  return int8_product(x, w, scale, 2, "w8a16_linear");
+}
+
 // decoder_block: a T5 decoder block's decoding step (one new token a row) in one call, as DecoderBlock.forward runs
 // it on the kernels above (eval mode: no dropout), so the output is the same to the bit; what it saves is the ~60
 // Python-level operator and module calls a block makes (speed.fast_blocks: ~1.5 ms of a 5 ms flan-t5-small step at
 // one row). x (B, 1, d); norms: the three layer norms' weights; linears: qkv, o, cross q, cross o, wi, wo, each by
-// kinds[i]: 0 a weight (N, K) for rows_linear, 1 a copy packed for panel_linear with N = outs[i], 2 and 3 int8
-// weights with their scales[i] for int8_linear and w8a8_linear (quantize.py's modes); cache: the layer's KVCache
+// kinds[i]: 0 a weight (N, K) for rows_linear, 1 a copy packed for panel_linear with N = outs[i], 2, 3 and 4 int8
+// weights with their scales[i] for int8_linear, w8a8_linear and w8a16_linear (quantize.py); cache: the layer's KVCache
 // buffer (max_len, B, 2, H, D), written at pos, or at positions[i] for row i (then attention reads the bias's width
 // of positions); bias (B or 1, H, 1, pos + 1); rows: where each row's history lies (beam search, decode_attention);
 // cross_k, cross_v (B / G, H, S, D) and cross_mask (B / G, 1, 1, S) for G copies of each input. act: the
@@ -862,7 +899,8 @@ at::Tensor linear_of(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
     case 0: return rows_linear(x, w);
     case 1: return panel_linear(x, w, N);
     case 2: return int8_linear(x, w, scale);
-    default: TORCH_CHECK(kind == 3, "decoder_block: unknown kind of linear ", kind); return w8a8_linear(x, w, scale);
+    case 3: return w8a8_linear(x, w, scale);
+    default: TORCH_CHECK(kind == 4, "decoder_block: unknown kind of linear ", kind); return w8a16_linear(x, w, scale);
   }
 }
 
@@ -985,6 +1023,7 @@ TORCH_LIBRARY(nanoflant5_cpu, m) {
   m.def("panel_linear(Tensor x, Tensor packed, int N) -> Tensor");
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("w8a8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+  m.def("w8a16_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, float eps, bool weight_grad) -> (Tensor, Tensor)");
   m.def("gated_gelu(Tensor h) -> Tensor");
@@ -1008,6 +1047,7 @@ TORCH_LIBRARY_IMPL(nanoflant5_cpu, CPU, m) {
   m.impl("panel_linear", &panel_linear);
   m.impl("int8_linear", &int8_linear);
   m.impl("w8a8_linear", &w8a8_linear);
+  m.impl("w8a16_linear", &w8a16_linear);
   m.impl("rms_norm", &rms_norm);
   m.impl("rms_norm_backward", &rms_norm_backward);
   m.impl("gated_gelu", &gated_gelu);

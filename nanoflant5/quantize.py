@@ -5,11 +5,16 @@ Both keep every linear layer of both stacks and the output layer as int8 weights
 channel (symmetric, round to nearest: W ~ s q, s = max|W_row| / 127), a quarter of float32's bytes; norms,
 attention, the embedding and the residual stream stay float32.
 
-- "int8", weight-only: activations stay float32. Decoding reads each weight once a step, so on CPU a step is about as
-  fast as its weights stream from memory: kernels.int8_linear reads the int8 weights and widens them to float32 in
-  registers (flan-t5-small's decoder and output layer, 1 row: 1.55 ms a step against 5.5 ms for float32). For more
-  rows than a decoding step has (the encoder, training-sized batches) the weight is widened to float32 for one
-  F.linear. Past ~16 rows the float32 arithmetic, not the memory, sets the speed.
+- "int8", weight-only: decoding reads each weight once a step, so on CPU a step of a few rows is about as fast as its
+  weights stream from memory: for up to FLOAT_ROWS rows, kernels.int8_linear reads the int8 weights and widens them
+  to float32 in registers, x staying float32 (flan-t5-small's decoder and output layer, 1 row: 1.55 ms a step against
+  5.5 ms for float32). Past that, float32 arithmetic, not memory, sets the speed, so each row of x is taken to 16 bits
+  (kernels.w8a16_linear: two int8 digits, within max |x_row| / 64516 of x, ~250x finer than the weights' rounding)
+  and multiplied in int8 arithmetic, summed exactly: flan-t5-base's decoder linears at 32 rows 0.9 ms a layer
+  against 2.8 for int8_linear, its encoder (8 x 512 tokens) 1.7 s against 3.3 s with the weight widened to float32.
+  The logits move by ~1/150 of what the weights' rounding moves them (flan-t5-small and -base, random weights), so a
+  row's tokens can depend on whether it was decoded alone or in a batch of 5 or more. Where torch._int_mm does not
+  sum exactly (int_mm_exact), int8_linear up to KERNEL_ROWS rows, F.linear with the weight widened past them.
 - "w8a8", weights and activations: each row of a linear layer's input is quantized to int8 too, with its own scale
   (max |x_row| / 127, round to nearest even), and the product is summed exactly in int32 (kernels.w8a8_linear over
   torch._int_mm, oneDNN's AMX or VNNI kernels), then scaled: int8 arithmetic at every row count, which pays for
@@ -26,7 +31,8 @@ from torch import nn
 from . import kernels
 
 MODES = ("int8", "w8a8")
-KERNEL_ROWS = 64  # rows up to which int8_linear multiplies (measured: faster than float32's packed GEMM up to ~32)
+FLOAT_ROWS = 4  # rows up to which weight-only int8 multiplies float32 x (measured: w8a16_linear faster from 5 rows)
+KERNEL_ROWS = 64  # and int8_linear's rows where w8a16_linear cannot run (faster than float32's GEMM up to ~32)
 
 
 class Int8Linear(nn.Module):
@@ -51,10 +57,16 @@ class Int8Linear(nn.Module):
         return (x.dtype == torch.float32 and x.device.type == "cpu" and self.scale.dtype == torch.float32
                 and kernels.available())
 
+    def kernel(self, rows: int) -> str | None:
+        """Which kernel (torch.ops.nanoflant5_cpu) multiplies `rows` rows of x that kernel_takes, or None."""
+        if rows > FLOAT_ROWS and int_mm_exact(self.in_features):
+            return "w8a16_linear"
+        return "int8_linear" if rows <= KERNEL_ROWS and self.in_features % 16 == 0 else None
+
     def forward(self, x):
-        rows = x.numel() // x.shape[-1]
-        if rows <= KERNEL_ROWS and self.q.shape[1] % 16 == 0 and self.kernel_takes(x):
-            return torch.ops.nanoflant5_cpu.int8_linear(x, self.q, self.scale)
+        kernel = self.kernel(x.numel() // x.shape[-1]) if self.kernel_takes(x) else None
+        if kernel is not None:
+            return getattr(torch.ops.nanoflant5_cpu, kernel)(x, self.q, self.scale)
         return F.linear(x, self.dequantized(x.dtype))
 
     def extra_repr(self):
@@ -66,8 +78,11 @@ class W8A8Linear(Int8Linear):
 
     mode = "w8a8"
 
+    def kernel(self, rows: int) -> str | None:
+        return "w8a8_linear" if int_mm_exact(self.in_features) else None
+
     def forward(self, x):
-        if self.kernel_takes(x) and int_mm_exact(self.in_features):
+        if self.kernel_takes(x) and self.kernel(x.numel() // x.shape[-1]):
             return torch.ops.nanoflant5_cpu.w8a8_linear(x, self.q, self.scale)
         return w8a8_reference(x, self.q, self.scale)
 
@@ -83,6 +98,19 @@ def w8a8_reference(x, q, scale):
     """What kernels.w8a8_linear computes, step by step in torch (the int8 products summed exactly in float64)."""
     xq, s = quantize_rows(x.float())
     return ((xq.double() @ q.double().t()).float() * s * scale).to(x.dtype)
+
+
+def w8a16_reference(x, q, scale):
+    """What kernels.w8a16_linear computes, step by step in torch: each row of x as two int8 digits, x ~ s1 q1 + s2 q2
+    (q1 as w8a8's, then what it leaves, x - s1 q1 rounded once, in steps of s2 = s1 / 254), their products summed
+    exactly, then (float(q1 . w) s1 + float(q2 . w) s2) scale, the sum rounded once (the kernel: fma; here float64,
+    exact but where the terms lie over 2^29 apart, then rounded to float32)."""
+    x = x.float()
+    q1, s1 = quantize_rows(x)
+    s2 = s1 / 254
+    q2 = torch.round((x.double() - q1.double() * s1.double()).float() / s2)
+    a1, a2 = ((d.double() @ q.double().t()).float() for d in (q1, q2))
+    return ((a1.double() * s1.double() + (a2 * s2).double()).float() * scale).to(x.dtype)
 
 
 _EXACT: dict[int, bool] = {}

@@ -35,8 +35,7 @@ from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_h
 from .config import GenerationConfig
 from . import kernels
 from .model import T5, FeedForward, RMSNorm
-from .quantize import KERNEL_ROWS, Int8Linear, W8A8Linear
-from .quantize import int_mm_exact as int_mm_exact_for
+from .quantize import Int8Linear, W8A8Linear
 
 # Faster kernels for the decoding step's linear layers on CPU (see fast_linears): nanoflant5's own for 1-4 rows of
 # float32 (kernels.py), and packed GEMMs (PACKERS) where they measure faster than F.linear.
@@ -323,7 +322,7 @@ def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, ke
                                  for linear in (b.attn.qkv, b.attn.o, b.cross.q, b.cross.o, b.ffn.wi, b.ffn.wo)]
     global last_path
     if any(type(linear) is not nn.Linear for linear in linears):  # int8 layers (quantize.py) bring their kernel
-        last_path = f"{type(linears[-1]).__name__} layers"
+        last_path = f"{type(linears[-1]).__name__} layers: {linears[-1].kernel(rows) or 'F.linear'}"
         yield
         return
     dtype = linears[-1].weight.dtype
@@ -435,7 +434,7 @@ class BlockPlan(NamedTuple):
     norms: list
     linears: list  # weights (rows_linear; int8: int8_linear, w8a8_linear) or panel copies (panel_linear)
     scales: list  # the int8 weights' scales (else empty)
-    kinds: list  # which: 0 rows_linear, 1 panel_linear, 2 int8_linear, 3 w8a8_linear
+    kinds: list  # which: 0 rows_linear, 1 panel_linear, INT8_KINDS
     outs: list  # each linear's output size
     eps: float
     act: str  # the feed-forward's activation (model.ACT_FNS), or "gated_gelu": kernels.gated_gelu
@@ -474,6 +473,7 @@ def fast_blocks(model: T5, rows: int, compile: bool = False):
 
 
 _NO_SCALE = torch.empty(0)
+INT8_KINDS = {"int8_linear": 2, "w8a8_linear": 3, "w8a16_linear": 4}  # decoder_block's kinds of int8 layers
 
 
 def block_plan(block, rows: int, act: str) -> BlockPlan | None:
@@ -494,11 +494,10 @@ def block_plan(block, rows: int, act: str) -> BlockPlan | None:
     for linear in linears:
         forward = linear.__dict__.get("forward")
         if type(linear) in (Int8Linear, W8A8Linear):  # as their forward takes the kernels for float32 x on CPU
-            int8 = type(linear) is Int8Linear
-            if (forward is not None or linear.scale.dtype != torch.float32 or linear.q.shape[1] % 16
-                    or (rows > KERNEL_ROWS if int8 else not int_mm_exact_for(linear.in_features))):
+            kernel = linear.kernel(rows)
+            if forward is not None or linear.scale.dtype != torch.float32 or linear.q.shape[1] % 16 or not kernel:
                 return None
-            taken.append((linear.q, linear.scale, 2 if int8 else 3))
+            taken.append((linear.q, linear.scale, INT8_KINDS[kernel]))
             continue
         w = linear.weight
         packed = _PACKED.get((w.data_ptr(), w.shape), (None, 0, None))

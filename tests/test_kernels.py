@@ -181,10 +181,10 @@ def test_decoding_with_the_kernel_gives_torchs_rows(checkpoint, monkeypatch):
 def test_decoder_block_is_the_blocks_forward(tmp_path, kind, quantize, monkeypatch):
     """kernels.decoder_block (speed.fast_blocks) runs a decoder block's decoding step in one call on the kernels the
     block's forward takes, so generations with it equal those without to the bit, scores included: 1-4 rows
-    (rows_linear) and 8 (panel_linear), the int8 modes' layers (int8_linear, w8a8_linear), greedy, beams (history
-    through the cache's index), several sequences of an input (its copies' queries together over the encoder
-    output), sampling, and the engine's steps (rows at their own positions). Each takes the kernel (counted) at every
-    layer of every step."""
+    (rows_linear) and 8 (panel_linear), the int8 modes' layers (int8_linear, w8a16_linear past 4 rows,
+    w8a8_linear), greedy, beams (history through the cache's index), several sequences of an input (its copies'
+    queries together over the encoder output), sampling, and the engine's steps (rows at their own positions). Each
+    takes the kernel (counted) at every layer of every step."""
     from helpers import make_checkpoint
     from nanoflant5.engine import Engine, Request
 

@@ -13,7 +13,7 @@ from helpers import random_batch
 from nanoflant5 import kernels
 from nanoflant5.load import load_model
 from nanoflant5 import quantize
-from nanoflant5.quantize import Int8Linear, W8A8Linear, w8a8_reference
+from nanoflant5.quantize import Int8Linear, W8A8Linear, w8a8_reference, w8a16_reference
 
 LENGTHS = [7, 3, 12, 5]
 
@@ -38,9 +38,10 @@ def test_int8_linear_is_the_dequantized_product(rows):
         torch.ops.nanoflant5_cpu.int8_linear(torch.randn(1, 24), torch.zeros(3, 24, dtype=torch.int8), torch.ones(3))
 
 
-def test_int8_layer_quantizes_per_channel():
-    """Int8Linear holds round(W / s) with s = max|W_row| / 127 (an all-zero row stays zero), and its kernel and its
-    widened-weight path (more rows than KERNEL_ROWS, other dtypes) agree to rounding."""
+def test_int8_layer_quantizes_per_channel(monkeypatch):
+    """Int8Linear holds round(W / s) with s = max|W_row| / 127 (an all-zero row stays zero); up to FLOAT_ROWS rows
+    its kernel is the product with the widened weight to rounding, past them it is w8a16_reference's (x to 16 bits)
+    where w8a16_linear runs, and F.linear with the widened weight where no kernel takes x."""
     w = torch.randn(40, 32) * torch.rand(40, 1)
     w[5] = 0
     layer = Int8Linear(w)
@@ -49,9 +50,15 @@ def test_int8_layer_quantizes_per_channel():
     assert layer.q.abs().amax(1)[torch.arange(40) != 5].eq(127).all() and not layer.q[5].any()
     assert ((layer.dequantized() - w).abs() <= s[:, None] / 2 * (1 + 1e-6)).all()  # within half a step
     x = torch.randn(quantize.KERNEL_ROWS + 1, 32)
-    wide = layer(x)  # more rows than the kernel takes: F.linear with the widened weight
-    torch.testing.assert_close(wide, F.linear(x, layer.dequantized()), rtol=0, atol=0)
-    torch.testing.assert_close(layer(x[:3]), wide[:3], rtol=1e-5, atol=1e-5)
+    wide = F.linear(x, layer.dequantized())
+    rows = quantize.FLOAT_ROWS
+    torch.testing.assert_close(layer(x[:rows]), wide[:rows], rtol=1e-5, atol=1e-5)
+    if W8A8_KERNEL:
+        assert layer.kernel(rows + 1) == "w8a16_linear"
+        assert torch.equal(layer(x[:rows + 1]), w8a16_reference(x[:rows + 1], layer.q, layer.scale))
+    monkeypatch.setattr(quantize, "FLOAT_ROWS", 10 ** 9)  # as where torch._int_mm does not sum exactly
+    assert layer.kernel(len(x)) is None
+    torch.testing.assert_close(layer(x), wide, rtol=0, atol=0)  # more rows than int8_linear takes
     torch.testing.assert_close(layer(x.double()), F.linear(x.double(), layer.dequantized(torch.float64)))
 
 
@@ -59,10 +66,15 @@ W8A8_KERNEL = kernels.available() and quantize.int_mm_exact(64) and quantize.int
 
 
 @pytest.mark.skipif(not W8A8_KERNEL, reason="no C++ kernel, or torch._int_mm does not sum exactly here")
+@pytest.mark.parametrize("digits", [1, 2])
 @pytest.mark.parametrize("rows", [1, 3, 8, 33, 512])
-def test_w8a8_linear_is_its_reference(rows):
-    """w8a8_linear = w8a8_reference bit for bit: each row quantized with its own scale (a zero row, a row with one
-    large entry), the int8 products summed exactly, both scales applied in the same order; 3-D strided inputs."""
+def test_w8a8_and_w8a16_linear_are_their_references(rows, digits):
+    """w8a8_linear = w8a8_reference and w8a16_linear = w8a16_reference bit for bit: each row quantized with its own
+    scale (a zero row, a row with one large entry) to one or two int8 digits, the int8 products summed exactly, the
+    scales applied in the same order; 3-D strided inputs. Both are within their quantization's error of the float
+    product: half a step of x's rows (max |x_row| / 127, and / 254 again for the second digit) times |W|."""
+    kernel, reference = {1: ("w8a8_linear", w8a8_reference), 2: ("w8a16_linear", w8a16_reference)}[digits]
+    kernel = getattr(torch.ops.nanoflant5_cpu, kernel)
     gen = torch.Generator().manual_seed(rows)
     for K, N in [(64, 1), (48, 37), (64, 1153)]:
         q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen)
@@ -71,15 +83,19 @@ def test_w8a8_linear_is_its_reference(rows):
         x[0, 0, 0] = 1e3  # one outlier sets the row's scale
         if rows > 1:
             x[1] = 0
-        y = torch.ops.nanoflant5_cpu.w8a8_linear(x, q, s)
-        assert y.shape == (rows, 1, N) and torch.equal(y, w8a8_reference(x, q, s)), (K, N)
+        y = kernel(x, q, s)
+        assert y.shape == (rows, 1, N) and torch.equal(y, reference(x, q, s)), (K, N)
         if rows > 1:
             assert not y[1].any()
-    x = torch.randn(5, 64, generator=gen)  # close to the float product: within the two roundings' error
-    layer = W8A8Linear(torch.randn(40, 64, generator=gen))
-    exact = F.linear(x.double(), layer.dequantized(torch.float64))
-    step = x.abs().amax(-1, keepdim=True).double() / 127 / 2  # half of each row's quantization step
-    assert ((layer(x).double() - exact).abs() <= step * layer.dequantized(torch.float64).abs().sum(1) + 1e-5).all()
+    x = torch.randn(5, 64, generator=gen)
+    layer = Int8Linear(torch.randn(40, 64, generator=gen))
+    w = layer.dequantized(torch.float64)
+    exact = F.linear(x.double(), w)
+    step = x.abs().amax(-1, keepdim=True).double() / 127 / 2 / (254 if digits == 2 else 1)
+    error = (kernel(x, layer.q, layer.scale).double() - exact).abs()
+    assert (error <= step * w.abs().sum(1) + 1e-5 * exact.abs() + 1e-6).all()
+    if digits == 2:  # and the second digit is what makes it finer
+        assert error.max() < (w8a8_reference(x, layer.q, layer.scale).double() - exact).abs().max() / 20
 
 
 def test_w8a8_model_decodes_its_reference_whatever_the_batch(checkpoint, monkeypatch):
@@ -109,15 +125,17 @@ def test_w8a8_model_decodes_its_reference_whatever_the_batch(checkpoint, monkeyp
 
 
 @pytest.mark.parametrize("name", ["gated-gelu-untied", "relu-tied", "inner-dim"])
-def test_int8_model_is_transformers_with_the_int8_weights(checkpoint, name):
+def test_int8_model_is_transformers_with_the_int8_weights(checkpoint, name, monkeypatch):
     """quantize="int8" replaces every linear layer and the output layer (also a tied one, whose embedding stays
-    float32) and nothing else: its logits are transformers' with the dequantized weights put in (float64 reference;
-    float32 here, 1e-4), greedy and beam rows decoded with it are transformers' (float64 int8-weight copy)."""
+    float32) and nothing else: with x kept in float32, its logits are transformers' with the dequantized weights put
+    in (float64 reference; float32 here, 1e-4), greedy and beam rows decoded with it are transformers' (float64
+    int8-weight copy)."""
     import copy
 
     folder, ref = checkpoint(name)
     model = load_model(folder, quantize="int8")
     plain = load_model(folder)
+    monkeypatch.setattr(quantize, "FLOAT_ROWS", 10 ** 9)  # x in float32 at any row count (see the test below)
     assert not any(type(m) is torch.nn.Linear for m in model.modules())
     assert torch.equal(model.shared.weight, plain.shared.weight)
     ref = copy.deepcopy(ref)
@@ -146,6 +164,39 @@ def test_int8_model_is_transformers_with_the_int8_weights(checkpoint, name):
         mine = model.generate(ids, mask, **kw)
         same = sum(torch.equal(a[:len(b)], b[:len(a)]) for a, b in zip(mine, theirs))
         assert same >= len(LENGTHS) - 1, kw  # float32 against float64: a near tie may part one row
+
+
+@pytest.mark.skipif(not W8A8_KERNEL, reason="no C++ kernel, or torch._int_mm does not sum exactly here")
+def test_int8_model_takes_x_to_16_bits_past_float_rows(checkpoint, monkeypatch):
+    """quantize="int8" past FLOAT_ROWS rows (the encoder, beam search's 12 rows a step): its logits and rows are
+    those of the same model computing each such layer by w8a16_reference (and F.linear with the widened weight for
+    fewer rows), and the logits are those of x kept in float32 to well within the weights' own error."""
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = load_model(folder, quantize="int8")
+    ids, mask = random_batch(96, LENGTHS, seed=11)
+    labels = random_batch(96, [5, 9, 2, 6], seed=12)[0]
+
+    def reference(self, x):
+        if x.numel() // x.shape[-1] > quantize.FLOAT_ROWS:
+            return w8a16_reference(x, self.q, self.scale)
+        return F.linear(x, self.dequantized())
+
+    runs = []
+    for how in ("kernels", "reference", "float x"):
+        if how == "reference":
+            monkeypatch.setattr(Int8Linear, "forward", reference)
+        if how == "float x":
+            monkeypatch.setattr(quantize, "FLOAT_ROWS", 10 ** 9)
+        logits = model(ids, mask, labels=labels)
+        logits = logits[1] if isinstance(logits, tuple) else logits
+        runs.append([logits, model.generate(ids, mask, max_new_tokens=12, num_beams=3)])
+        if how == "kernels":
+            assert "w8a16_linear" in S.last_path, S.last_path
+    torch.testing.assert_close(runs[0][0], runs[1][0], rtol=1e-5, atol=1e-5)
+    same = sum(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+    assert same >= len(LENGTHS) - 1  # (F.linear and int8_linear round differently: a near tie may part one row)
+    weights_error = (runs[2][0] - load_model(folder)(ids, mask, labels=labels)).abs().max()
+    assert (runs[0][0] - runs[2][0]).abs().max() < weights_error / 20
 
 
 def set_linears(hf_module, *pairs):
