@@ -12,7 +12,7 @@ attention, the embedding and the residual stream stay float32.
   (kernels.w8a16_linear: two int8 digits, within max |x_row| / 64516 of x, ~250x finer than the weights' rounding)
   and multiplied in int8 arithmetic, summed exactly: flan-t5-base's decoder linears at 32 rows 0.9 ms a layer
   against 2.8 for int8_linear, its encoder (8 x 512 tokens) 1.7 s against 3.3 s with the weight widened to float32.
-  The logits move by ~1/150 of what the weights' rounding moves them (flan-t5-small and -base, random weights), so a
+  The logits move by ~1/120-1/140 of what the weights' rounding moves them (flan-t5-small, -base, random weights): a
   row's tokens can depend on whether it was decoded alone or in a batch of 5 or more. Where torch._int_mm does not
   sum exactly (int_mm_exact), int8_linear up to KERNEL_ROWS rows, F.linear with the weight widened past them.
 - "w8a8", weights and activations: each row of a linear layer's input is quantized to int8 too, with its own scale
