@@ -7,6 +7,7 @@ import torch
 
 import nanoflant5.speed as S
 from helpers import CONFIGS, make_checkpoint, random_batch
+from nanoflant5 import kernels
 from nanoflant5.load import load_model
 
 LENGTHS = [7, 3, 12, 5, 20, 9]
@@ -438,7 +439,8 @@ def test_compile_failure_falls_back_to_eager(checkpoint, monkeypatch):
 
 
 def test_real_size_flan_t5_small(tmp_path):
-    """The published flan-t5-small architecture (random weights): greedy and beam rows equal transformers'."""
+    """The published flan-t5-small architecture (random weights): greedy and beam rows equal transformers' (greedy
+    through the int8 screen, on AMX tiles where the CPU has them)."""
     import json
 
     config = json.loads((__import__("pathlib").Path(__file__).parent / "fixtures/flan-t5-small/config.json")
@@ -451,6 +453,8 @@ def test_real_size_flan_t5_small(tmp_path):
     ids, mask = random_batch(config["vocab_size"], [30, 11, 140], seed=5)
     for kw in [dict(max_new_tokens=24), dict(max_new_tokens=16, num_beams=3, num_return_sequences=2)]:
         assert torch.equal(model.generate(ids, mask, **kw), hf_generate(ref, ids, mask, **kw)), kw
+    if S.SCREEN and kernels.available() and kernels.AMX:
+        assert S._SCREENS[model.lm_head].kernel == "amx_rows"
 
 
 @pytest.mark.parametrize("kw, match", [

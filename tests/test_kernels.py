@@ -101,6 +101,30 @@ def test_decode_attention_is_attention(D):
         torch.ops.nanoflant5_cpu.decode_attention(q.double(), k, v, bias, None)
 
 
+@pytest.mark.skipif(not kernels.AMX, reason="amx_rows is built for CPUs with AMX (and needs the OS's leave)")
+def test_amx_rows_is_exact():
+    """amx_rows on amx_pack's layout against the exact product (float64 holds these sums exactly): row counts within
+    one row tile, two, and past 32 (groups of rows), the int8 extremes, column counts that are not a multiple of the
+    32 a block takes; inputs that are not a multiple of 64 are refused."""
+    gen = torch.Generator().manual_seed(0)
+    for K, N in [(64, 1), (128, 37), (512, 4099), (64, 32)]:
+        w = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen)
+        w[0] = 127
+        w[-1] = -128
+        packed = torch.ops.nanoflant5_cpu.amx_pack(w)
+        for M in (1, 5, 16, 17, 32, 33, 70):
+            x = torch.randint(-128, 128, (M, K), dtype=torch.int8, generator=gen)
+            x[0] = -128
+            x[-1] = 127
+            y = torch.ops.nanoflant5_cpu.amx_rows(x, packed, N)
+            assert y.dtype == torch.int32 and y.shape == (M, N)
+            assert torch.equal(y.double(), x.double() @ w.double().t()), (K, N, M)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        torch.ops.nanoflant5_cpu.amx_pack(torch.zeros(3, 96, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="amx_pack's weight"):
+        torch.ops.nanoflant5_cpu.amx_rows(torch.zeros(1, 64, dtype=torch.int8), packed, N + 32)
+
+
 @pytest.mark.skipif(not kernels.INT8, reason="int8_rows is built for CPUs with AVX-512 VNNI")
 def test_int8_rows_is_exact():
     """int8_rows against the exact product (float64 holds these sums exactly): every row count, the int8 extremes,

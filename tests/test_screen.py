@@ -15,9 +15,12 @@ from nanoflant5.load import load_model
 
 LENGTHS = [7, 3, 12, 5, 20, 9]
 pytestmark = pytest.mark.skipif(not S.SCREEN, reason="torch without torch._int_mm")
-# the int8 product through torch._int_mm, and through kernels.int8_rows where it is built (AVX-512 VNNI)
-PRODUCTS = [False] + [pytest.param(True, marks=pytest.mark.skipif(not (kernels.available() and kernels.INT8),
-                                                                   reason="int8_rows not built here"))]
+# the int8 product through torch._int_mm, and through kernels.int8_rows and amx_rows where they are built (AVX-512
+# VNNI, AMX)
+KERNELS = [name for name in ("int8_rows", "amx_rows")
+           if kernels.available() and {"int8_rows": kernels.INT8, "amx_rows": kernels.AMX}[name]]
+PRODUCTS = [None] + [pytest.param(name, marks=pytest.mark.skipif(name not in KERNELS, reason=f"{name} not built here"))
+                     for name in ("int8_rows", "amx_rows")]
 
 
 def full_argmax(x, w, process):
@@ -41,7 +44,7 @@ def test_screen_picks_the_full_layers_token(dtype, kernel):
     """Random layers and inputs, including near-ties the int8 products cannot separate (tokens whose weights differ
     by ~1e-6), outlying input entries and an input of zeros: the screened token is the full layer's, and (but for
     the zeros, where every token ties) only a handful of tokens per row get full-precision logits. The same with
-    the int8 product through kernels.int8_rows."""
+    the int8 product through kernels.int8_rows and amx_rows."""
     gen = torch.Generator().manual_seed(0)
     vocab, K = 4000, 128
     w = (torch.randn(vocab, K, generator=gen) * 0.05).to(dtype)
@@ -147,14 +150,20 @@ def test_compiled_bounds_hold():
     for _, lower, upper, ok in (compiled(x), screen.bounds(x)):
         assert ok and (lower <= logits).all() and (logits <= upper).all()
         assert ((upper - lower) / 2).amax() < 0.05 * logits.abs().amax()  # tight: the outlying channels in float
-    if not (kernels.available() and kernels.INT8):
-        return
-    for rows in (x, x[:2], torch.cat([x, x, x[:2]])):  # 3, 2 and 8 rows
-        want = screen.bounds(rows), compiled(rows)
-        screen.kernel = True
-        for got, expected in zip((screen.bounds(rows), compiled(rows)), want):
-            assert all(torch.equal(a, b) for a, b in zip(got, expected))
-        screen.kernel = False
+    for kernel in KERNELS:  # the same bounds from each kernel's product (amx_rows: inputs a multiple of 64 wide)
+        w = torch.randn(vocab, 128 if kernel == "amx_rows" else K, generator=gen) * 0.05
+        screen = S.OutputScreen(w)
+        compiled = torch.compile(screen.bounds, dynamic=True)
+        x = torch.randn(40, w.shape[1], generator=gen)
+        x[:, 5], x[1, 9] = 60.0, -90.0
+        for rows in (x[:3], x[:2], x[:8], x):  # 3, 2, 8 and 40 rows (int8_rows: up to 8)
+            if kernel == "int8_rows" and len(rows) > 8:
+                continue
+            want = screen.bounds(rows), compiled(rows)
+            screen.kernel = kernel
+            for got, expected in zip((screen.bounds(rows), compiled(rows)), want):
+                assert all(torch.equal(a, b) for a, b in zip(got, expected)), (kernel, len(rows))
+            screen.kernel = None
 
 
 def test_screen_falls_back_where_it_must(monkeypatch):
