@@ -72,8 +72,7 @@ def available() -> bool:
     if "ok" not in _BUILT:
         _BUILT["ok"] = _build()
         INT8 = _BUILT["ok"] and hasattr(torch.ops.nanoflant5_cpu, "int8_rows")
-        AMX = (_BUILT["ok"] and hasattr(torch.ops.nanoflant5_cpu, "amx_rows") and torch.ops.nanoflant5_cpu.amx_ready()
-               and os.environ.get("NANOFLANT5_AMX", "1") != "0")
+        AMX = _BUILT["ok"] and hasattr(torch.ops.nanoflant5_cpu, "amx_rows") and torch.ops.nanoflant5_cpu.amx_ready()
     return _BUILT["ok"]
 
 

@@ -70,13 +70,14 @@ W8A8_KERNEL = kernels.available() and quantize.int_mm_exact(64) and quantize.int
 @pytest.mark.parametrize("rows", [1, 3, 8, 33, 512])
 def test_w8a8_and_w8a16_linear_are_their_references(rows, digits):
     """w8a8_linear = w8a8_reference and w8a16_linear = w8a16_reference bit for bit: each row quantized with its own
-    scale (a zero row, a row with one large entry) to one or two int8 digits, the int8 products summed exactly, the
-    scales applied in the same order; 3-D strided inputs. Both are within their quantization's error of the float
-    product: half a step of x's rows (max |x_row| / 127, and / 254 again for the second digit) times |W|."""
+    scale (a zero row, a row with one large entry) to one or two int8 digits, the int8 products summed exactly
+    (int8_rows for up to 8 rows of digits, else oneDNN's GEMM), the scales applied in the same order; 3-D strided
+    inputs. Both are within their quantization's error of the float product: half a step of x's rows (max |x_row| /
+    127, and / 254 again for the second digit) times |W|."""
     kernel, reference = {1: ("w8a8_linear", w8a8_reference), 2: ("w8a16_linear", w8a16_reference)}[digits]
     kernel = getattr(torch.ops.nanoflant5_cpu, kernel)
     gen = torch.Generator().manual_seed(rows)
-    for K, N in [(64, 1), (48, 37), (64, 1153)]:
+    for K, N in [(64, 1), (48, 37), (64, 1153), (128, 64), (64, 96)]:
         q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen)
         s = torch.rand(N, generator=gen) / 100
         x = torch.randn(rows, 1, 2 * K, generator=gen)[..., ::2]  # (rows, 1, K), not contiguous
