@@ -791,8 +791,8 @@ at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& w) {
 // an int32 tile (Intel's Architecture Instruction Set Extensions Programming Reference, ch. 3). w is packed ahead
 // (amx_pack) into that second operand's layout, 32 columns at a time: for each 16 columns and 64 inputs one 1 KB
 // tile whose row r holds, for each column, its inputs 4r..4r+3, so a step streams the packed weight once, in order.
-// flan-t5-small's 16 MB output layer (the greedy screen): 32 rows 0.4 ms against torch._int_mm's 1.5 (oneDNN's GEMM
-// there packs w at every call), 1 row 0.32 ms against int8_rows' ~0.55.
+// flan-t5-small's 16 MB output layer (the greedy screen), read from memory: 32 rows 0.70 ms against torch._int_mm's
+// 2.7 (oneDNN's GEMM there packs w at every call), 1 row 0.4-0.6 ms as int8_rows.
 struct TileConfig {  // the 64-byte operand of ldtilecfg, palette 1
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
@@ -841,7 +841,7 @@ at::Tensor amx_rows(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
   int32_t* yp = y.data_ptr<int32_t>();
   for (int64_t g = 0; g < M; g += 32) {
     const int8_t* xp = xc.data_ptr<int8_t>() + g * K;
-    const int m0 = int(std::min<int64_t>(16, M - g)), m1 = int(std::min<int64_t>(16, std::max<int64_t>(0, M - g - 16)));
+    const int m0 = int(std::min<int64_t>(16, M - g)), m1 = int(std::clamp<int64_t>(M - g - 16, 0, 16));  // rows a tile
     at::parallel_for(0, blocks, 16, [&](int64_t b0, int64_t b1) {
       TileConfig cfg;  // tmm0-3 sums (row tile 0, 1) x (column tile 0, 1); tmm4, 5 row tiles of x; tmm6, 7 of w
       for (int t = 0; t < 8; t++) cfg.colsb[t] = 64;
@@ -858,7 +858,6 @@ at::Tensor amx_rows(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
         _tile_zero(2);
         _tile_zero(3);
         for (int64_t t = 0; t < tiles; t++) {
-          _mm_prefetch(reinterpret_cast<const char*>(w1 + (tiles + t) * 1024), _MM_HINT_T0);  // the next block's
           _tile_loadd(4, xp + 64 * t, K);
           _tile_loadd(6, w0 + t * 1024, 64);
           _tile_loadd(7, w1 + t * 1024, 64);

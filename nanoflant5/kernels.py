@@ -42,8 +42,8 @@ int8_rows is the same loop for greedy decoding's int8 screen of the output layer
 int8 summed exactly in int32, with AVX-512 VNNI (built only where the CPU has it). flan-t5-small's 16 MB screen
 right after the decoder's weights: ~0.55 ms against torch._int_mm's ~0.74 at 1 row, ~0.57 against ~1.0 at 4.
 amx_rows does the same on Intel's AMX tiles (built where the CPU has AMX, used where Linux grants this process the
-tiles), the weight packed ahead in the tiles' layout (amx_pack): the 16 MB screen read from memory takes 0.60 ms at
-1 row (int8_rows 0.66), 0.43 at 8 (0.93), 0.70 at 32 (torch._int_mm, whose oneDNN GEMM packs the weight at every
+tiles), the weight packed ahead in the tiles' layout (amx_pack): the 16 MB screen read from memory takes 0.40-0.60 ms at
+1 row (int8_rows the same), 0.39-0.43 at 8 (0.89-0.93), 0.61-0.70 at 32 (torch._int_mm, whose oneDNN GEMM packs the weight at every
 call: 2.7).
 
 Without a C++ compiler (or with NANOFLANT5_KERNELS=0) nothing is built, one warning says so, and decoding uses

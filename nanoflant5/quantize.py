@@ -103,8 +103,8 @@ def w8a8_reference(x, q, scale):
 def w8a16_reference(x, q, scale):
     """What kernels.w8a16_linear computes, step by step in torch: each row of x as two int8 digits, x ~ s1 q1 + s2 q2
     (q1 as w8a8's, then what it leaves, x - s1 q1 rounded once, in steps of s2 = s1 / 254), their products summed
-    exactly, then (float(q1 . w) s1 + float(q2 . w) s2) scale, the sum rounded once (the kernel: fma; here float64,
-    exact but where the terms lie over 2^29 apart, then rounded to float32)."""
+    exactly, then (float(q1 . w) s1 + float(q2 . w) s2) scale, the sum rounded once (the kernel: one fma; here in
+    float64, then to float32: the same result but in a rare double rounding, not seen in the tests)."""
     x = x.float()
     q1, s1 = quantize_rows(x)
     s2 = s1 / 254

@@ -720,8 +720,8 @@ class OutputScreen:
 
     W_i = s_i q_i + e_i (int8 q_i, per-token scale s_i) and x = x_hat + e_x, where x_hat is r q_x (int8 q_x, per-row
     scale r) but in the few channels with the largest entries, where it keeps x in float32. The exact integer product
-    q_x . q_i (kernels.amx_rows, int8_rows or torch._int_mm) plus those channels' products give approx_i = s_i x_hat . q_i, and
-    by Cauchy-Schwarz
+    q_x . q_i (kernels.amx_rows, int8_rows or torch._int_mm) plus those channels' products give approx_i = s_i x_hat .
+    q_i, and by Cauchy-Schwarz
         |x . W_i - approx_i| = |x . e_i + s_i e_x . q_i| <= ||x|| ||e_i|| + ||e_x|| ||s_i q_i||,
     plus floating-point rounding (at most K * 2^-22 + 1e-6 of ||x|| ||W_i|| here, in any summation order; Higham,
     "Accuracy and Stability of Numerical Algorithms", ch. 3). With that bound b_i, every processed score lies in
@@ -761,10 +761,9 @@ class OutputScreen:
             self.packed = torch.ops.nanoflant5_cpu.amx_pack(self.q)
 
     def use_rows(self, rows: int):
-        """Multiply `rows` rows a step: with kernels.amx_rows where the CPU has AMX (measured fastest at every row
-        count: flan-t5-small's screen, weights read from memory, 1 row 0.60 ms against int8_rows' 0.66, 8 rows 0.43
-        against 0.93, 32 rows 0.70 against _int_mm's 2.7), else kernels.int8_rows where it is built and takes them,
-        else torch._int_mm."""
+        """Multiply `rows` rows a step: with kernels.amx_rows where the CPU has AMX (flan-t5-small's screen, weights
+        read from memory: 1 row as fast as int8_rows, 8 rows 0.4 ms against 0.9, 32 rows 0.6-0.7 against _int_mm's
+        2.4-2.7), else kernels.int8_rows where it is built and takes them, else torch._int_mm."""
         self.kernel = None
         if KERNELS and kernels.available():
             if self.packed is not None:
