@@ -30,6 +30,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <optional>
@@ -832,8 +833,9 @@ at::Tensor amx_rows(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
   TORCH_CHECK(amx_ready(), "amx_rows: this process may not use AMX tiles");
   TORCH_CHECK(x.scalar_type() == at::kChar && x.dim() == 2 && x.device().is_cpu() && x.size(1) % 64 == 0 &&
               packed.scalar_type() == at::kChar && packed.is_contiguous() &&
-              packed.numel() == (N + AMX_COLS - 1) / AMX_COLS * AMX_COLS * x.size(1),
-              "amx_rows: int8 x (M, K) with K a multiple of 64 and amx_pack's weight for N columns expected");
+              packed.numel() == (N + AMX_COLS - 1) / AMX_COLS * AMX_COLS * x.size(1) && x.size(1) <= 65536,
+              "amx_rows: int8 x (M, K) with K a multiple of 64 (at most 65536, so that int32 sums cannot overflow) "
+              "and amx_pack's weight for N columns expected");
   const at::Tensor xc = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), tiles = K / 64, blocks = (N + AMX_COLS - 1) / AMX_COLS;
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kInt));
@@ -889,8 +891,11 @@ at::Tensor amx_rows(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
 }
 #endif
 
-// q = src / s rounded to nearest even, as int8 (|src| <= 127.5 s: no clamping needed); where rest is given, also
-// rest = src - q s with one rounding (fma), what q leaves of src.
+// The smallest scale int8_product gives a row (a power of two): s / 254 stays a normal float32.
+constexpr float MIN_SCALE = 256 * FLT_MIN;
+
+// q = src / s rounded to nearest even, as int8 (finite |src| <= 127.5 s, s normal: no clamping needed); where rest
+// is given, also rest = src - q s with one rounding (fma), what q leaves of src.
 void digit(const float* src, int8_t* q, float* rest, int64_t K, float s) {
   int64_t k = 0;
 #ifdef __AVX512F__
@@ -910,7 +915,8 @@ void digit(const float* src, int8_t* q, float* rest, int64_t K, float s) {
 }
 
 // x (..., K) times int8 w (N, K) with float32 scales (N,), x's rows taken as integers of one or two int8 digits:
-// with s1 = max |x_row| / 127 (1 for a zero row), q1 = x / s1 rounded to nearest even (one digit: w8a8); two digits
+// with s1 = max |x_row| / 127 (1 where that is below MIN_SCALE), q1 = x / s1 rounded to nearest even (one digit:
+// w8a8; a row with a NaN or an infinity gives NaNs); two digits
 // (w8a16) also q2 = (x - q1 s1) / s2 rounded likewise, s2 = s1 / 254, so that |x - s1 q1 - s2 q2| <= s2 / 2 = max
 // |x_row| / 64516: x to 16 bits. Each digit's products with w are summed exactly in int32 (int8_rows for up to 8 rows
 // of digits, else torch's _int_mm: oneDNN's AMX or VNNI kernels), then y = (float(q1 . w_n) s1 + float(q2 . w_n) s2)
@@ -934,14 +940,33 @@ at::Tensor int8_product(const at::Tensor& x, const at::Tensor& w, const at::Tens
     for (int64_t m = m0; m < m1; m++) {
       const float* row = xp + m * K;
       float amax = 0.0f;
+      bool finite = true;
       int64_t k = 0;
 #ifdef __AVX512F__
       __m512 vmax = _mm512_setzero_ps();
-      for (; k + L <= K; k += L) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
+      __mmask16 bad = 0;
+      const __m512 inf = _mm512_set1_ps(INFINITY);
+      for (; k + L <= K; k += L) {
+        const __m512 v = _mm512_abs_ps(_mm512_loadu_ps(row + k));
+        bad |= _mm512_cmp_ps_mask(v, inf, _CMP_NLT_UQ);  // NaN or infinite
+        vmax = _mm512_max_ps(vmax, v);
+      }
       amax = _mm512_reduce_max_ps(vmax);  // (max is exact in any order)
+      finite = !bad;
 #endif
-      for (; k < K; k++) amax = std::max(amax, std::fabs(row[k]));
-      sx[m] = amax > 0.0f ? amax / 127.0f : 1.0f;
+      for (; k < K; k++) {
+        finite = finite && std::isfinite(row[k]);
+        amax = std::max(amax, std::fabs(row[k]));
+      }
+      const float s = amax / 127.0f;
+      sx[m] = s >= MIN_SCALE ? s : 1.0f;  // (a row of zeros, or too small for s / 254 to be normal: digits 0)
+      if (!finite) {  // a NaN or an infinity: the row's outputs are NaN (the float product's would be NaN or inf)
+        std::memset(qp + m * K, 0, K);
+        if (digits > 1) std::memset(qp + (M + m) * K, 0, K);
+        sx[m] = NAN;
+        if (digits > 1) sx[M + m] = NAN;
+        continue;
+      }
       digit(row, qp + m * K, digits > 1 ? rest.data() : nullptr, K, sx[m]);
       if (digits > 1) {
         sx[M + m] = sx[m] / 254.0f;

@@ -87,10 +87,14 @@ class W8A8Linear(Int8Linear):
         return w8a8_reference(x, self.q, self.scale)
 
 
+MIN_SCALE = 256 * torch.finfo(torch.float32).tiny  # (kernels.cpp's: s / 254 stays a normal float32)
+
+
 def quantize_rows(x):
-    """x ~ s q per row: q = x / s rounded to nearest even (int8 range), s = max |x_row| / 127 (1 for a zero row)."""
+    """x ~ s q per row: q = x / s rounded to nearest even (int8 range), s = max |x_row| / 127, or 1 where that is
+    below MIN_SCALE (a row of zeros, or of values under ~4e-34: its q is 0)."""
     s = x.abs().amax(-1, keepdim=True) / 127
-    s = torch.where(s > 0, s, 1.0)
+    s = torch.where(s >= MIN_SCALE, s, 1.0)
     return torch.round(x / s), s
 
 
@@ -118,7 +122,8 @@ _EXACT: dict[int, bool] = {}
 
 def int_mm_exact(k: int) -> bool:
     """Whether torch._int_mm sums exactly here for inputs k wide, at the row counts decoding and encoding use (a
-    kernel adding pairs of products in saturating int16 would not): else w8a8 takes w8a8_reference."""
+    kernel adding pairs of products in saturating int16 would not): else w8a8 takes w8a8_reference, and int8 keeps
+    x in float32. Checked once per width (quantize() does it, so that a compiled step never traces the check)."""
     if k not in _EXACT:
         from .speed import int_mm_exact as exact
 
@@ -142,4 +147,7 @@ def quantize(model, mode: str):
                 if child.bias is not None:
                     raise ValueError(f"{name}.{child_name}: int8 takes bias-free linear layers")
                 setattr(module, child_name, layer(child.weight))
+    if hasattr(torch, "_int_mm"):
+        for k in {m.in_features for m in model.modules() if isinstance(m, Int8Linear) and m.q.device.type == "cpu"}:
+            int_mm_exact(k)
     return model

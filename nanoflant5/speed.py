@@ -322,7 +322,9 @@ def fast_linears(model: T5, rows: int, steps: int, output_layer: bool = True, ke
                                  for linear in (b.attn.qkv, b.attn.o, b.cross.q, b.cross.o, b.ffn.wi, b.ffn.wo)]
     global last_path
     if any(type(linear) is not nn.Linear for linear in linears):  # int8 layers (quantize.py) bring their kernel
-        last_path = f"{type(linears[-1]).__name__} layers: {linears[-1].kernel(rows) or 'F.linear'}"
+        float32 = model.shared.weight.dtype == torch.float32
+        kernel = linears[-1].kernel(rows) if float32 and kernels.available() else None
+        last_path = f"{type(linears[-1]).__name__} layers: {kernel or 'F.linear'}"
         yield
         return
     dtype = linears[-1].weight.dtype
@@ -432,7 +434,7 @@ BLOCKS = True  # tests switch it off to compare fast_blocks with the block's own
 class BlockPlan(NamedTuple):
     """What kernels.decoder_block takes of a decoder block besides the step's tensors."""
     norms: list
-    linears: list  # weights (rows_linear; int8: int8_linear, w8a8_linear) or panel copies (panel_linear)
+    linears: list  # weights (rows_linear; int8 layers' for INT8_KINDS) or panel copies (panel_linear)
     scales: list  # the int8 weights' scales (else empty)
     kinds: list  # which: 0 rows_linear, 1 panel_linear, INT8_KINDS
     outs: list  # each linear's output size
@@ -447,9 +449,9 @@ def fast_blocks(model: T5, rows: int, compile: bool = False):
     """Inside the block (entered inside fast_linears, fast_layers and fast_attention), each decoder block's decoding
     step is one call of kernels.decoder_block, which runs the block's forward on the same kernels (the output is the
     same to the bit) without its ~60 Python-level module and operator calls: eager float32 activations on CPU, where
-    every linear of the decoder runs nanoflant5's kernels (rows_linear, panel_linear; int8_linear, w8a8_linear for
-    quantize.py's modes) and no hooks are registered (a compiled step has no such calls). flan-t5-small greedy b1:
-    5.1 -> ~3.9 ms a step (see docs/performance.md)."""
+    every linear of the decoder runs nanoflant5's kernels (rows_linear, panel_linear; int8_linear, w8a16_linear,
+    w8a8_linear for quantize.py's modes) and no hooks are registered (a compiled step has no such calls).
+    flan-t5-small greedy b1: 5.1 -> ~3.9 ms a step (see docs/performance.md)."""
     blocks = model.decoder.blocks
     c = model.config
     plans = None
@@ -663,7 +665,7 @@ _SCREENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lm_head -> 
 def output_screen(model: T5, g: GenerationConfig, rows: int):
     """The OutputScreen of the model's output layer for greedy decoding (no beams, no sampling) on CPU in float32 or
     float64 (16 or more steps; a plain bias-free nn.Linear without hooks), else None. It is made on first use and kept
-    while the weights keep their fingerprint. rows: per step; 1-8 take kernels.int8_rows where it is built."""
+    while the weights keep their fingerprint. rows: per step (OutputScreen.use_rows)."""
     lm_head = model.lm_head
     if type(lm_head) is not nn.Linear:
         return None
@@ -766,7 +768,7 @@ class OutputScreen:
         2.4-2.7), else kernels.int8_rows where it is built and takes them, else torch._int_mm."""
         self.kernel = None
         if KERNELS and kernels.available():
-            if self.packed is not None:
+            if self.packed is not None and self.q.shape[1] <= 65536:
                 self.kernel = "amx_rows"
             elif rows in kernels.INT8_ROWS and self.q.shape[1] <= 65536 and kernels.INT8:
                 self.kernel = "int8_rows"
