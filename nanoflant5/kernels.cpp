@@ -21,6 +21,8 @@
 // Built on first use by nanoflant5/kernels.py (torch.utils.cpp_extension); see there for why and how much.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <c10/util/BFloat16.h>
 #include <ATen/ops/_int_mm.h>
 #include <ATen/ops/empty.h>
@@ -1025,18 +1027,32 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
 // Python-level operator and module calls a block makes (speed.fast_blocks: ~1.5 ms of a 5 ms flan-t5-small step at
 // one row). x (B, 1, d); norms: the three layer norms' weights; linears: qkv, o, cross q, cross o, wi, wo, each by
 // kinds[i]: 0 a weight (N, K) for rows_linear, 1 a copy packed for panel_linear with N = outs[i], 2, 3 and 4 int8
-// weights with their scales[i] for int8_linear, w8a8_linear and w8a16_linear (quantize.py); cache: the layer's KVCache
+// weights with their scales[i] for int8_linear, w8a8_linear and w8a16_linear (quantize.py), 5 and 6 copies packed
+// for oneDNN's and MKL's GEMMs (MKL's with the weight as scales[i]); cache: the layer's KVCache
 // buffer (max_len, B, 2, H, D), written at pos, or at positions[i] for row i (then attention reads the bias's width
 // of positions); bias (B or 1, H, 1, pos + 1); rows: where each row's history lies (beam search, decode_attention);
 // cross_k, cross_v (B / G, H, S, D) and cross_mask (B / G, 1, 1, S) for G copies of each input. act: the
 // feed-forward's activation ("relu", "gelu", "gelu_new", "silu"), gated or not, or "gated_gelu": gated_gelu's.
+// One of torch's packed GEMMs (speed.PACKERS "onednn", "mkl"), called through the dispatcher with the arguments the
+// block's forward gives it, so the block gets the same result.
+at::Tensor torch_packed(const char* name, torch::jit::Stack stack) {
+  c10::Dispatcher::singleton().findSchemaOrThrow(name, "").callBoxed(&stack);
+  return stack.at(0).toTensor();
+}
+
 at::Tensor linear_of(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t kind, int64_t N) {
   switch (kind) {
     case 0: return rows_linear(x, w);
     case 1: return panel_linear(x, w, N);
     case 2: return int8_linear(x, w, scale);
     case 3: return w8a8_linear(x, w, scale);
-    default: TORCH_CHECK(kind == 4, "decoder_block: unknown kind of linear ", kind); return w8a16_linear(x, w, scale);
+    case 4: return w8a16_linear(x, w, scale);
+    case 5:  // oneDNN's, on a copy packed by mkldnn._reorder_linear_weight
+      return torch_packed("mkldnn::_linear_pointwise", {x, w, c10::IValue(), "none",
+                                                        c10::List<std::optional<at::Scalar>>(), ""});
+    default:  // MKL's, on a copy packed by mkl._mkl_reorder_linear_weight for x's rows; scale: the weight itself
+      TORCH_CHECK(kind == 6, "decoder_block: unknown kind of linear ", kind);
+      return torch_packed("mkl::_mkl_linear", {x, w, scale, c10::IValue(), x.numel() / x.size(-1)});
   }
 }
 
@@ -1186,6 +1202,10 @@ TORCH_LIBRARY(nanoflant5_cpu, m) {
 #ifdef AMX_ROWS
 TORCH_LIBRARY_IMPL(nanoflant5_cpu, CompositeExplicitAutograd, m) { m.impl("amx_ready", &amx_ready); }
 #endif
+
+TORCH_LIBRARY_IMPL(nanoflant5_cpu, MkldnnCPU, m) {  // decoder_block given oneDNN's packed copies (kind 5)
+  m.impl("decoder_block", &decoder_block);
+}
 
 TORCH_LIBRARY_IMPL(nanoflant5_cpu, CPU, m) {
   m.impl("rows_linear", &rows_linear);

@@ -22,7 +22,8 @@ each row's history is read through the cache's index instead of copied. torch's 
 per-(row, head) set-up.
 
 decoder_block is a decoder block's whole decoding step (layer norms, linears, the cache write, both attentions, the
-feed-forward, residuals) on the kernels above, in one call: the block's forward makes ~60 Python-level module and
+feed-forward, residuals) on the kernels above (or oneDNN's and MKL's packed GEMMs, through torch's dispatcher, where
+they measure fastest), in one call: the block's forward makes ~60 Python-level module and
 operator calls a step, ~1.5 ms of a 5 ms flan-t5-small step at one row (speed.fast_blocks).
 
 int8_linear is the same loop for weight-only int8 layers (quantize.py): the int8 weights are widened to float32 in

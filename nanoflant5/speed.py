@@ -434,9 +434,9 @@ BLOCKS = True  # tests switch it off to compare fast_blocks with the block's own
 class BlockPlan(NamedTuple):
     """What kernels.decoder_block takes of a decoder block besides the step's tensors."""
     norms: list
-    linears: list  # weights (rows_linear; int8 layers' for INT8_KINDS) or panel copies (panel_linear)
-    scales: list  # the int8 weights' scales (else empty)
-    kinds: list  # which: 0 rows_linear, 1 panel_linear, INT8_KINDS
+    linears: list  # weights (rows_linear; int8 layers' for INT8_KINDS) or packed copies (PACKED_KINDS)
+    scales: list  # the int8 weights' scales; the weight, for MKL's packed GEMM; else empty
+    kinds: list  # which: 0 rows_linear, PACKED_KINDS, INT8_KINDS
     outs: list  # each linear's output size
     eps: float
     act: str  # the feed-forward's activation (model.ACT_FNS), or "gated_gelu": kernels.gated_gelu
@@ -449,8 +449,9 @@ def fast_blocks(model: T5, rows: int, compile: bool = False):
     """Inside the block (entered inside fast_linears, fast_layers and fast_attention), each decoder block's decoding
     step is one call of kernels.decoder_block, which runs the block's forward on the same kernels (the output is the
     same to the bit) without its ~60 Python-level module and operator calls: eager float32 activations on CPU, where
-    every linear of the decoder runs nanoflant5's kernels (rows_linear, panel_linear; int8_linear, w8a16_linear,
-    w8a8_linear for quantize.py's modes) and no hooks are registered (a compiled step has no such calls).
+    every linear of the decoder runs rows_linear or a packed GEMM (nanoflant5's panel_linear, oneDNN's, MKL's: the
+    one choose_packer measured fastest on this CPU), or, for quantize.py's modes, int8_linear, w8a16_linear or
+    w8a8_linear, and no hooks are registered (a compiled step has no such calls).
     flan-t5-small greedy b1: 5.1 -> ~3.9 ms a step (see docs/performance.md)."""
     blocks = model.decoder.blocks
     c = model.config
@@ -476,6 +477,7 @@ def fast_blocks(model: T5, rows: int, compile: bool = False):
 
 _NO_SCALE = torch.empty(0)
 INT8_KINDS = {"int8_linear": 2, "w8a8_linear": 3, "w8a16_linear": 4}  # decoder_block's kinds of int8 layers
+PACKED_KINDS = {"panels": 1, "onednn": 5, "mkl": 6}  # and of packed copies (PACKERS)
 
 
 def block_plan(block, rows: int, act: str) -> BlockPlan | None:
@@ -505,8 +507,9 @@ def block_plan(block, rows: int, act: str) -> BlockPlan | None:
         packed = _PACKED.get((w.data_ptr(), w.shape), (None, 0, None))
         if forward is not None and forward is _KERNEL_FORWARDS.get(linear) and w.dtype == torch.float32:
             taken.append((w, _NO_SCALE, 0))
-        elif forward is not None and forward is _FORWARDS.get(linear) and packed[1:] == (rows, "panels"):
-            taken.append((packed[0], _NO_SCALE, 1))
+        elif (forward is not None and forward is _FORWARDS.get(linear) and packed[1] == rows
+              and packed[2] in PACKED_KINDS):
+            taken.append((packed[0], w if packed[2] == "mkl" else _NO_SCALE, PACKED_KINDS[packed[2]]))
         else:
             return None
     tensors, scales, kinds = zip(*taken)

@@ -200,15 +200,18 @@ def test_decoding_with_the_kernel_gives_torchs_rows(checkpoint, monkeypatch):
             assert torch.equal(greedy, rows), (kw, compile)
 
 
-@pytest.mark.parametrize("kind,quantize", [("gated-gelu-untied", None), ("relu-tied", None),
-                                           ("gated-gelu-untied", "int8"), ("gated-gelu-untied", "w8a8")])
-def test_decoder_block_is_the_blocks_forward(tmp_path, kind, quantize, monkeypatch):
+@pytest.mark.parametrize("kind,quantize,packer", [
+    ("gated-gelu-untied", None, "panels"), ("relu-tied", None, "panels"), ("gated-gelu-untied", "int8", None),
+    ("gated-gelu-untied", "w8a8", None), *[("gated-gelu-untied", None, name) for name in ("onednn", "mkl")
+                                           if name in S.PACKERS]])
+def test_decoder_block_is_the_blocks_forward(tmp_path, kind, quantize, packer, monkeypatch):
     """kernels.decoder_block (speed.fast_blocks) runs a decoder block's decoding step in one call on the kernels the
     block's forward takes, so generations with it equal those without to the bit, scores included: 1-4 rows
-    (rows_linear) and 8 (panel_linear), the int8 modes' layers (int8_linear, w8a16_linear past 4 rows,
-    w8a8_linear), greedy, beams (history through the cache's index), several sequences of an input (its copies'
-    queries together over the encoder output), sampling, and the engine's steps (rows at their own positions). Each
-    takes the kernel (counted) at every layer of every step."""
+    (rows_linear) and 8 (panel_linear, or oneDNN's or MKL's packed GEMM where choose_packer picks it), the int8
+    modes' layers (int8_linear, w8a16_linear past 4 rows, w8a8_linear), greedy, beams (history through the cache's
+    index), several sequences of an input (its copies' queries together over the encoder output), sampling, and the
+    engine's steps (rows at their own positions; the engine keeps panel copies only). Each takes the kernel
+    (counted) at every layer of every step."""
     from helpers import make_checkpoint
     from nanoflant5.engine import Engine, Request
 
@@ -217,7 +220,7 @@ def test_decoder_block_is_the_blocks_forward(tmp_path, kind, quantize, monkeypat
     calls = []
     op = torch.ops.nanoflant5_cpu.decoder_block
     monkeypatch.setattr(torch.ops.nanoflant5_cpu, "decoder_block", lambda *a: calls.append(1) or op(*a))
-    monkeypatch.setattr(S, "PACKER", "panels")
+    monkeypatch.setattr(S, "PACKER", packer or "panels")
     ids, mask = random_batch(96, [7, 3, 12, 5, 9, 4, 11, 6], seed=3)
     layers = len(model.decoder.blocks)
     for sl, kw in [(slice(0, 1), {}), (slice(0, 4), {}), (slice(0, 8), {}), (slice(0, 1), dict(num_beams=4)),
