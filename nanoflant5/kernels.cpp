@@ -2,7 +2,8 @@
 // - rows_linear(x (..., K), w (N, K)) = x @ w.T for float32 (or bfloat16) x and w of 1-4 rows;
 // - panel_linear(x (..., K), packed w, N) = x @ w.T for float32 x of 5-64 rows, w packed in panels of 64 columns;
 // - decode_attention(q, k, v, bias, rows): attention of a decoding step's few queries a row;
-// - decoder_block(x, ...): a T5 decoder block's decoding step in one call, on the kernels above;
+// - decoder_block(x, ...): a T5 decoder block's decoding step in one call, on the kernels above (or torch's packed
+//   GEMMs);
 // - screen_bounds(product, ...): the greedy output layer's int8 screen's bounds from its int8 product, in one pass;
 // - int8_linear(x (..., K), w (N, K), scale (N,)) = x @ (scale[:, None] * w).T for float32 x of any rows and int8 w
 //   (weight-only int8, quantize.py), each weight block read once and multiplied with 4 rows of x at a time;
@@ -1022,6 +1023,13 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
   return int8_product(x, w, scale, 2, "w8a16_linear");
 }
 
+// One of torch's packed GEMMs (speed.PACKERS "onednn", "mkl"), called through the dispatcher with the arguments the
+// block's forward gives it, so the block gets the same result.
+at::Tensor torch_packed(const char* name, torch::jit::Stack stack) {
+  c10::Dispatcher::singleton().findSchemaOrThrow(name, "").callBoxed(&stack);
+  return stack.at(0).toTensor();
+}
+
 // decoder_block: a T5 decoder block's decoding step (one new token a row) in one call, as DecoderBlock.forward runs
 // it on the kernels above (eval mode: no dropout), so the output is the same to the bit; what it saves is the ~60
 // Python-level operator and module calls a block makes (speed.fast_blocks: ~1.5 ms of a 5 ms flan-t5-small step at
@@ -1033,13 +1041,6 @@ at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tens
 // of positions); bias (B or 1, H, 1, pos + 1); rows: where each row's history lies (beam search, decode_attention);
 // cross_k, cross_v (B / G, H, S, D) and cross_mask (B / G, 1, 1, S) for G copies of each input. act: the
 // feed-forward's activation ("relu", "gelu", "gelu_new", "silu"), gated or not, or "gated_gelu": gated_gelu's.
-// One of torch's packed GEMMs (speed.PACKERS "onednn", "mkl"), called through the dispatcher with the arguments the
-// block's forward gives it, so the block gets the same result.
-at::Tensor torch_packed(const char* name, torch::jit::Stack stack) {
-  c10::Dispatcher::singleton().findSchemaOrThrow(name, "").callBoxed(&stack);
-  return stack.at(0).toTensor();
-}
-
 at::Tensor linear_of(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t kind, int64_t N) {
   switch (kind) {
     case 0: return rows_linear(x, w);
