@@ -67,6 +67,10 @@ class Int8Linear(nn.Module):
         kernel = self.kernel(x.numel() // x.shape[-1]) if self.kernel_takes(x) else None
         if kernel is not None:
             return getattr(torch.ops.nanoflant5_cpu, kernel)(x, self.q, self.scale)
+        return self.without_kernel(x)
+
+    def without_kernel(self, x):
+        """The product where no kernel takes x: F.linear with the weight widened to x's dtype."""
         return F.linear(x, self.dequantized(x.dtype))
 
     def extra_repr(self):
@@ -81,9 +85,7 @@ class W8A8Linear(Int8Linear):
     def kernel(self, rows: int) -> str | None:
         return "w8a8_linear" if int_mm_exact(self.in_features) else None
 
-    def forward(self, x):
-        if self.kernel_takes(x) and self.kernel(x.numel() // x.shape[-1]):
-            return torch.ops.nanoflant5_cpu.w8a8_linear(x, self.q, self.scale)
+    def without_kernel(self, x):
         return w8a8_reference(x, self.q, self.scale)
 
 

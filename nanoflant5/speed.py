@@ -770,10 +770,10 @@ class OutputScreen:
         read from memory: 1 row as fast as int8_rows, 8 rows 0.4 ms against 0.9, 32 rows 0.6-0.7 against _int_mm's
         2.4-2.7), else kernels.int8_rows where it is built and takes them, else torch._int_mm."""
         self.kernel = None
-        if KERNELS and kernels.available():
-            if self.packed is not None and self.q.shape[1] <= 65536:
+        if KERNELS and self.q.shape[1] <= 65536 and kernels.available():  # (wider: int32 sums could overflow)
+            if self.packed is not None:
                 self.kernel = "amx_rows"
-            elif rows in kernels.INT8_ROWS and self.q.shape[1] <= 65536 and kernels.INT8:
+            elif rows in kernels.INT8_ROWS and kernels.INT8:
                 self.kernel = "int8_rows"
 
     def product(self, q_x):
