@@ -4,6 +4,7 @@
     python benchmarks/bench.py --quick    # small only, 1 repeat
     python benchmarks/bench.py --modes    # also the low-precision modes (bfloat16, int8, w8a8) beside CTranslate2 int8
     python benchmarks/bench.py --first-call  # also the first call of a fresh process (eager; compiled, cold/warm)
+    python benchmarks/bench.py --isa avx2    # every library limited to AVX2, as on AMD Zen 2/3 or Intel's client CPUs
 
 The checkpoints have random weights (tests/helpers.make_checkpoint with the preset's sizes): speed does not depend
 on the weights, and the helper's weights make greedy and beam outputs vary, so "outputs equal" means something.
@@ -373,6 +374,23 @@ def cpu_model() -> str:
         return platform.processor() or "CPU"
 
 
+def limit_isa(isa: str) -> bool:
+    """Set the environment in which every library here uses only `isa`'s instructions (kernels.AVX2_ONLY). -> whether
+    it changed, i.e. the process must start again to take it."""
+    from nanoflant5.kernels import AVX2_ONLY
+
+    changed = any(os.environ.get(k) != v for k, v in AVX2_ONLY.items())
+    os.environ.update(AVX2_ONLY)
+    return changed
+
+
+def isa_note() -> str:
+    from nanoflant5.kernels import AVX2_ONLY
+
+    limits = [f"{k}={os.environ[k]}" for k in AVX2_ONLY if os.environ.get(k)]
+    return f"; limited to {', '.join(limits)}" if limits else ""
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="small,base", help="comma-separated: small, base")
@@ -385,9 +403,13 @@ def main():
     p.add_argument("--compile", action="store_true", help="nanoflant5 with generate(compile=True)")
     p.add_argument("--modes", action="store_true", help="also bfloat16, int8 and w8a8 (and CTranslate2 int8)")
     p.add_argument("--first-call", action="store_true", help="also the first calls of fresh processes")
+    p.add_argument("--isa", choices=("avx2",), help="run as a CPU with AVX2 only would (AMD Zen 2/3, Intel's client "
+                   "CPUs), on a CPU with more: kernels.AVX2_ONLY")
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--first-call-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.isa and limit_isa(args.isa):
+        os.execv(sys.executable, [sys.executable] + sys.argv)  # afresh, so that every library reads the limits
     global DEVICE, DTYPE, COMPILE
     DEVICE, DTYPE, COMPILE = torch.device(args.device), getattr(torch, args.dtype), args.compile
     if args.memory_child:
@@ -422,7 +444,8 @@ def main():
             mem.append((name, {i: peak_rss(i, folder) for i in impls}))
 
     print(f"\nCommand: `python {' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d')})  \ntorch {torch.__version__}, {THREADS} threads, {args.dtype}, "
-          f"{torch.cuda.get_device_name() if DEVICE.type == 'cuda' else cpu_model()}{'; nanoflant5 compiled' * COMPILE}; "
+          f"{torch.cuda.get_device_name() if DEVICE.type == 'cuda' else cpu_model()}{isa_note()}"
+          f"{'; nanoflant5 compiled' * COMPILE}; "
           f"inputs {IN_LEN} tokens, {NEW} new tokens forced; median of {args.repeats} alternating runs after a warm-up"
           f"{'; ratio (lowest-highest per-run ratio)' * (args.repeats > 1)}.\n")
     print("| model | setting | transformers tok/s | nanoflant5 tok/s | ratio | CTranslate2 tok/s | ratio | "

@@ -249,11 +249,9 @@ class Engine:
         """The model's OutputScreen (speed.py) for greedy steps of `rows` rows, where it applies, else None. Made
         (or checked against the weights) once: the engine owns its model, whose weights do not change under it."""
         if self._screen is None:
-            self._screen = output_screen(self.model, GenerationConfig(max_new_tokens=self.max_new_tokens), rows)
+            self._screen = output_screen(self.model, GenerationConfig(max_new_tokens=self.max_new_tokens), None)
             self._screen = self._screen or False
-        if self._screen:
-            self._screen.use_rows(rows)
-        return self._screen or None
+        return self._screen if self._screen and self._screen.use_rows(rows) else None
 
     def _process(self, scores, where, failed):
         """Each greedy request's logits processors on its rows of scores (N, vocab), in place (the screen's

@@ -8,10 +8,11 @@
 // - int8_linear(x (..., K), w (N, K), scale (N,)) = x @ (scale[:, None] * w).T for float32 x of any rows and int8 w
 //   (weight-only int8, quantize.py), each weight block read once and multiplied with 4 rows of x at a time;
 // - int8_rows(x (M, K), w (N, K)) = x @ w.T exactly in int32 for int8 x of 1-8 rows and int8 w (the greedy output
-//   layer's int8 screen), where the CPU has AVX-512 VNNI; amx_rows the same for any rows on AMX tiles, w packed ahead
-//   by amx_pack, where the CPU has AMX;
+//   layer's int8 screen), where the CPU has AVX-512 VNNI or AVX2; amx_rows the same for any rows on AMX tiles, w
+//   packed ahead by amx_pack, where the CPU has AMX;
 // - w8a8_linear(x (..., K), w (N, K), scale (N,)): x's rows quantized to int8 (each row's own scale), multiplied with
-//   int8 w exactly in int32 by torch's _int_mm (oneDNN: AMX or VNNI), then times both scales (quantize.py's w8a8);
+//   int8 w exactly in int32 (int8_rows' loops for up to 8 rows, else torch's _int_mm: oneDNN's AMX or VNNI), then
+//   times both scales (quantize.py's w8a8);
 //   w8a16_linear the same with x's rows quantized to 16 bits, as two int8 digits (weight-only int8 past a few rows);
 // - rms_norm(x (..., D), w (D,), eps) = w * (x * rsqrt(mean(x^2) + eps)) for float32, T5's layer norm in one call
 //   (torch's rms_norm on CPU is some 20 operator calls), and rms_norm_backward, its gradients in one call;
@@ -45,6 +46,9 @@
 #endif
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)  // (implies __AVX512F__: immintrin.h is in)
 #define INT8_ROWS 1
+#elif defined(__AVX2__)  // int8_rows on AVX2's vpmaddwd (AMD Zen 2/3, Intel's client CPUs)
+#define INT8_ROWS 2
+#include <immintrin.h>
 #endif
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
 #define AMX_ROWS 1
@@ -55,8 +59,15 @@
 
 namespace {
 
-typedef float vfloat __attribute__((vector_size(64)));  // 16 lanes: one AVX-512 register, two AVX2 ones
+// A vector of L floats: one register. GCC lowers a vector wider than the CPU's registers through memory (an AVX2
+// build with 16 lanes ran 1.4-7x slower than MKL), so an AVX2 build (AMD Zen 2/3, Intel's client CPUs) has 8 lanes.
+#ifdef __AVX512F__
 constexpr int64_t L = 16;
+#else
+constexpr int64_t L = 8;
+#endif
+typedef float vfloat __attribute__((vector_size(4 * L)));
+typedef int32_t vint __attribute__((vector_size(4 * L)));
 constexpr int64_t AHEAD = 12288;  // bytes prefetched ahead in each weight row's stream (measured best: 8-16 KB)
 constexpr int NB = 4;             // weight rows read side by side
 
@@ -71,18 +82,22 @@ at::Tensor linear_output(const at::Tensor& x, int64_t N) {
 inline float lanes_sum(vfloat v) {  // a fixed order, so results do not depend on the thread that computes them
   typedef float v8 __attribute__((vector_size(32)));
   typedef float v4 __attribute__((vector_size(16)));
-  v8 a, b; std::memcpy(&a, &v, 32); std::memcpy(&b, reinterpret_cast<char*>(&v) + 32, 32); a += b;
+  v8 a;
+  std::memcpy(&a, &v, 32);
+  if constexpr (L == 16) {
+    v8 b; std::memcpy(&b, reinterpret_cast<char*>(&v) + 32, 32); a += b;
+  }
   v4 c, d; std::memcpy(&c, &a, 16); std::memcpy(&d, reinterpret_cast<char*>(&a) + 16, 16); c += d;
   return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
-// 16 bfloat16 -> 16 float32, exactly (a bfloat16 is a float32's upper 16 bits)
+// L bfloat16 -> L float32, exactly (a bfloat16 is a float32's upper 16 bits)
 inline vfloat load(const c10::BFloat16* p) {
-  typedef uint16_t v16u16 __attribute__((vector_size(32)));
-  typedef uint32_t v16u32 __attribute__((vector_size(64)));
-  v16u16 h;
+  typedef uint16_t vu16 __attribute__((vector_size(2 * L)));
+  typedef uint32_t vu32 __attribute__((vector_size(4 * L)));
+  vu16 h;
   std::memcpy(&h, p, sizeof h);
-  const v16u32 bits = __builtin_convertvector(h, v16u32) << 16;
+  const vu32 bits = __builtin_convertvector(h, vu32) << 16;
   vfloat f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
@@ -108,12 +123,18 @@ inline void block(const float* x, const T* w, float* y, int64_t K, int64_t N, in
     for (int b = 0; b < nb; b++) y[r * N + n + b] = lanes_sum(acc[r][b]);
 }
 
+// Weight rows side by side for R rows of x: NB with AVX-512's 32 registers; with AVX2's 16, as many as keep the R x
+// nb sums, the weights and x in registers.
+template <int R>
+constexpr int side_by_side() { return L == 16 || R <= 2 ? NB : R == 3 ? 3 : 2; }
+
 template <int R, typename T>
 void rows(const float* x, const T* w, float* y, int64_t K, int64_t N) {
-  at::parallel_for(0, N / NB, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; b++) block<R, NB>(x, w, y, K, N, b * NB);
+  constexpr int nb = side_by_side<R>();
+  at::parallel_for(0, N / nb, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) block<R, nb>(x, w, y, K, N, b * nb);
   });
-  for (int64_t n = N / NB * NB; n < N; n++) block<R, 1>(x, w, y, K, N, n);
+  for (int64_t n = N / nb * nb; n < N; n++) block<R, 1>(x, w, y, K, N, n);
 }
 
 template <typename T>
@@ -134,7 +155,7 @@ at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK((bf16 || (x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat)) && x.device().is_cpu() &&
               w.device().is_cpu(), "rows_linear: float32 (or bfloat16) CPU tensors expected");
   int64_t K = w.size(1), N = w.size(0);
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && x.size(-1) == K && K % L == 0,
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && x.size(-1) == K && K % 16 == 0,
               "rows_linear: a contiguous (N, K) weight with K a multiple of 16, and x (..., K) expected");
   at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
   at::Tensor y = linear_output(x2, N);
@@ -155,14 +176,17 @@ at::Tensor rows_linear(const at::Tensor& x, const at::Tensor& w) {
 // reading the panel (one stream) and the arithmetic overlap. Each output is one sum over k in order, so results differ
 // from MKL's in the last bits, as MKL's own kernels do from one another.
 constexpr int64_t PANEL = 64;  // output columns a panel: 4 vectors
-constexpr int ROWS6 = 6;       // rows a block (6 x 4 accumulators + 4 weight vectors: 28 of AVX-512's 32 registers)
+// rows and columns a block: AVX-512 6 x 64 (6 x 4 accumulators + 4 weight vectors: 28 of its 32 registers), AVX2
+// 2 x 32 (2 x 4 + 4 of its 16; 6 x 64 would spill to memory), half a panel after the other
+constexpr int BLOCK_ROWS = L == 16 ? 6 : 2;
+constexpr int64_t BLOCK_COLS = L == 16 ? PANEL : PANEL / 2;
 constexpr int64_t KC = 64;     // k a chunk (16 KB of a panel)
 constexpr int64_t AHEAD_K = 64;  // weights fetched this far ahead in k
 
 template <int R>
 inline void panel_block(const float* x, int64_t K, const float* w, float* acc_buf, int64_t k0, int64_t k1,
-                        int64_t fetch_k, int64_t fetch_step) {
-  constexpr int NV = PANEL / L;
+                        int64_t fetch_k, int64_t fetch_step) {  // (w, acc_buf: at the block's first column)
+  constexpr int NV = BLOCK_COLS / L;
   vfloat acc[R][NV];
   for (int r = 0; r < R; r++)
     for (int j = 0; j < NV; j++) acc[r][j] = k0 == 0 ? vfloat{} : load(acc_buf + r * PANEL + j * L);
@@ -196,8 +220,8 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N
   const float* xp = x2.data_ptr<float>();
   const float* wp = packed.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // rows in blocks of at most 6, as even as can be (32 rows: 6, 6, 5, 5, 5, 5)
-  const int64_t blocks = (M + ROWS6 - 1) / ROWS6, size = M / blocks, larger = M % blocks;
+  // rows in blocks of at most BLOCK_ROWS, as even as can be (32 rows: 6, 6, 5, 5, 5, 5)
+  const int64_t blocks = (M + BLOCK_ROWS - 1) / BLOCK_ROWS, size = M / blocks, larger = M % blocks;
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     std::vector<float> acc(M * PANEL);  // the panel's outputs for all rows, summed chunk by chunk
     for (int64_t p = p0; p < p1; p++) {
@@ -207,14 +231,17 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N
         for (int64_t b = 0, r0 = 0; b < blocks; b++) {
           const int64_t r = size + (b < larger);
           const float* xr = xp + r0 * K;
-          float* ar = acc.data() + r0 * PANEL;
-          switch (r) {
-            case 1: panel_block<1>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
-            case 2: panel_block<2>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
-            case 3: panel_block<3>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
-            case 4: panel_block<4>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
-            case 5: panel_block<5>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
-            default: panel_block<6>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
+          for (int64_t c0 = 0; c0 < PANEL; c0 += BLOCK_COLS) {
+            const float* wc = w + c0;
+            float* ar = acc.data() + r0 * PANEL + c0;
+            switch (r) {
+              case 1: panel_block<1>(xr, K, wc, ar, k0, k1, k0 + b, blocks); break;
+              case 2: panel_block<2>(xr, K, wc, ar, k0, k1, k0 + b, blocks); break;
+              case 3: panel_block<3>(xr, K, wc, ar, k0, k1, k0 + b, blocks); break;
+              case 4: panel_block<4>(xr, K, wc, ar, k0, k1, k0 + b, blocks); break;
+              case 5: panel_block<5>(xr, K, wc, ar, k0, k1, k0 + b, blocks); break;
+              default: panel_block<6>(xr, K, wc, ar, k0, k1, k0 + b, blocks); break;
+            }
           }
           r0 += r;
         }
@@ -231,8 +258,12 @@ inline vfloat load_int8(const int8_t* p) {  // 16 int8 -> 16 float32
   return vfloat(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
 }
 #else
-typedef int8_t v16i8 __attribute__((vector_size(16)));
-inline vfloat load_int8(const int8_t* p) { v16i8 v; std::memcpy(&v, p, sizeof v); return __builtin_convertvector(v, vfloat); }
+typedef int8_t vi8 __attribute__((vector_size(L)));
+inline vfloat load_int8(const int8_t* p) {  // L int8 -> L float32
+  vi8 v;
+  std::memcpy(&v, p, sizeof v);
+  return __builtin_convertvector(v, vfloat);
+}
 #endif
 
 // y[r, n:n+nb] for rows r < R of x (R, K) and int8 weight rows n..n+nb of w (N, K), times their scales
@@ -278,7 +309,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
               "int8_linear: float32 x, int8 weight and float32 scale on CPU expected");
   int64_t K = w.size(1), N = w.size(0);
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && scale.is_contiguous() && scale.numel() == N && x.size(-1) == K &&
-              K % L == 0, "int8_linear: a contiguous (N, K) weight with K a multiple of 16, (N,) scales and x (..., K)"
+              K % 16 == 0, "int8_linear: a contiguous (N, K) weight with K a multiple of 16, (N,) scales and x (..., K)"
               " expected");
   at::Tensor x2 = x.reshape({-1, K}).contiguous();
   at::Tensor y = linear_output(x, N);
@@ -287,10 +318,11 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t M = x2.size(0);
-  at::parallel_for(0, N / NB, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; b++) rows_int8<NB>(xp, wp, sp, yp, M, K, N, b * NB);
+  constexpr int nb = side_by_side<4>();  // (chunks of 4 rows)
+  at::parallel_for(0, N / nb, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) rows_int8<nb>(xp, wp, sp, yp, M, K, N, b * nb);
   });
-  for (int64_t n = N / NB * NB; n < N; n++) rows_int8<1>(xp, wp, sp, yp, M, K, N, n);
+  for (int64_t n = N / nb * nb; n < N; n++) rows_int8<1>(xp, wp, sp, yp, M, K, N, n);
   return y;
 }
 
@@ -364,10 +396,8 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward(const at::Tensor& g, const 
   return {dx, weight_grad ? partial.sum(0) : at::empty({0}, w.options())};
 }
 
-// exp on 16 lanes (Cephes' expf: 2^n e^r with |r| <= ln 2 / 2, e^r a degree-7 polynomial; within 2 float32 ulps),
+// exp on L lanes (Cephes' expf: 2^n e^r with |r| <= ln 2 / 2, e^r a degree-7 polynomial; within 2 float32 ulps),
 // 0 below e^-87.3 (and for -inf), at most e^88 (callers: x - max <= 0, and a sigmoid that is 0 there anyway).
-typedef int32_t vint __attribute__((vector_size(64)));
-
 inline vfloat vexp(vfloat x) {
   const vint low = x < -87.3f;  // e^x below float32's normal range (and -inf): 0
   x = x < -87.3f ? -87.3f : (x > 88.0f ? 88.0f : x);  // (2^n stays finite: n <= 127)
@@ -387,7 +417,7 @@ inline vfloat vexp(vfloat x) {
 // 1 + tanh's cancellation for negative x. Its slope is s + 2 x s (1 - s) du/dx with s = sigmoid(2u).
 constexpr float GELU_K0 = 0.7978845608028654f, GELU_K1 = 0.044715f;
 
-template <typename T>  // vfloat (16 lanes, vexp) or float (the tail, std::exp)
+template <typename T>  // vfloat (L lanes, vexp) or float (the tail, std::exp)
 inline T gelu_exp(T x) {  // e^(-2u), so that sigmoid(2u) = 1 / (1 + e^(-2u)) and 1 - sigmoid(2u) = e^(-2u) sigmoid(2u)
   const T u2 = (x + x * x * x * GELU_K1) * (-2.0f * GELU_K0);
   if constexpr (std::is_same_v<T, float>) return std::exp(std::min(u2, 88.0f));  // (as vexp: finite)
@@ -550,9 +580,10 @@ at::Tensor token_losses_backward(const at::Tensor& g, const at::Tensor& logits, 
 // over 64 positions 10.0 -> 7.3 ms, cross-attention 7.6 -> 5.9 ms). Rows are split between threads (rows' groups of
 // heads where there are fewer than 4 rows a thread). The output is (B, M, H, D) in memory (returned as its
 // (B, H, M, D) view), which the caller's transpose and reshape read as is.
+constexpr int U = 16 / L;  // vectors in 16 floats
 constexpr int64_t AHEAD_KEYS = 8;  // keys fetched ahead (8: ~5% faster than none for the cache and the encoder output)
 
-template <int C>  // C chunks of 16 lanes: D = 16 C
+template <int C>  // C chunks of L lanes: D = L C
 void attend_rows(const float* qp, const float* kp, const float* vp, const float* bp, const int64_t* rp, float* op,
                  int64_t B, int64_t H, int64_t M, int64_t S, const int64_t* qs, const int64_t* ks, const int64_t* vs,
                  const int64_t* bs, const int64_t* rs, int64_t heads) {
@@ -580,9 +611,11 @@ void attend_rows(const float* qp, const float* kp, const float* vp, const float*
           for (int c = 0; c < C; c++) kc[c] = load(key + h * ks[1] + c * L);
           for (int64_t m = 0; m < M; m++) {
             const float* qm = qp + b * qs[0] + h * qs[1] + m * qs[2];
-            vfloat acc = load(qm) * kc[0];
-            for (int c = 1; c < C; c++) acc += load(qm + c * L) * kc[c];
-            p[(j * M + m) * S + s] = lanes_sum(acc) + bp[b * bs[0] + h * bs[1] + m * bs[2] + s];
+            // lane i of acc[u] sums what lane u L + i of 16 lanes does: the order of an AVX-512 build, to the bit
+            vfloat acc[U] = {};
+            for (int c = 0; c < C; c++) acc[c % U] += load(qm + c * L) * kc[c];
+            if constexpr (U == 2) acc[0] += acc[1];
+            p[(j * M + m) * S + s] = lanes_sum(acc[0]) + bp[b * bs[0] + h * bs[1] + m * bs[2] + s];
           }
         }
       }
@@ -632,7 +665,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
               q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && bias.dim() == 4,
               "decode_attention: float32 CPU tensors q (B, H, M, D), k and v (B, H, S, D), bias (B, H, M, S) expected");
   const int64_t B = q.size(0), H = q.size(1), M = q.size(2), D = q.size(3), S = k.size(2);
-  TORCH_CHECK(k.size(1) == H && k.size(3) == D && v.sizes() == k.sizes() && D % L == 0 && D <= 8 * L && S > 0 &&
+  TORCH_CHECK(k.size(1) == H && k.size(3) == D && v.sizes() == k.sizes() && D % 16 == 0 && D <= 128 && S > 0 &&
               q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "decode_attention: shapes or strides not taken");
   const int64_t want[4] = {B, H, M, S};
@@ -666,15 +699,15 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     kernel(q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), bias.data_ptr<float>(), rp,
            out.data_ptr<float>(), B, H, M, S, qs, ks, vs, bs, rs, heads);
   };
-  switch (D / L) {
-    case 1: run(attend_rows<1>); break;
-    case 2: run(attend_rows<2>); break;
-    case 3: run(attend_rows<3>); break;
-    case 4: run(attend_rows<4>); break;
-    case 5: run(attend_rows<5>); break;
-    case 6: run(attend_rows<6>); break;
-    case 7: run(attend_rows<7>); break;
-    default: run(attend_rows<8>); break;
+  switch (D / 16) {
+    case 1: run(attend_rows<1 * U>); break;
+    case 2: run(attend_rows<2 * U>); break;
+    case 3: run(attend_rows<3 * U>); break;
+    case 4: run(attend_rows<4 * U>); break;
+    case 5: run(attend_rows<5 * U>); break;
+    case 6: run(attend_rows<6 * U>); break;
+    case 7: run(attend_rows<7 * U>); break;
+    default: run(attend_rows<8 * U>); break;
   }
   return out.transpose(1, 2);
 }
@@ -711,7 +744,7 @@ at::Tensor seeded_dropout(const at::Tensor& x, int64_t dropped, int64_t seed) {
   return y;
 }
 
-#ifdef INT8_ROWS
+#if INT8_ROWS == 1
 // y[r, n:n+nb] for rows r < R of x (R, K) and int8 weight rows n..n+nb of w (N, K), with x given as x + 128 (uint8):
 // VNNI multiplies uint8 by int8 (vpdpbusd: four products added into each int32 lane, exactly), so it computes
 // (x + 128) . w_n and, with a vector of ones, 128 sum(w_n), the difference being x . w_n. |(x + 128) . w_n| <=
@@ -773,18 +806,82 @@ void rows8_of(const uint8_t* xu, const int8_t* w, int32_t* y, int64_t M, int64_t
   }
 }
 
+// x (M, K) . w (N, K)^T into y (M, N), exactly in int32, for int8 x of 1-8 rows (K <= 65536)
+void int8_sums(const int8_t* x, const int8_t* w, int32_t* y, int64_t M, int64_t K, int64_t N) {
+  const std::vector<uint8_t> xu = plus_128(x, M * K);
+  rows8_of(xu.data(), w, y, M, K, N);
+}
+#elif INT8_ROWS == 2
+// y[r, n:n+nb] for rows r < R of x (R, K), widened to int16, and int8 weight rows n..n+nb of w (N, K): vpmaddwd
+// multiplies 16 int16 pairs and adds each two products into an int32 lane, exactly (|2 * 127 * 127| < 2^15 * 2), so
+// the sums are exact as long as |x . w_n| <= K * 127 * 127 fits in int32 (K <= 65536, checked by the callers).
+inline int32_t lanes_sum_int(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+template <int R, int nb>
+inline void block16(const int16_t* x, const int8_t* w, int32_t* y, int64_t K, int64_t N, int64_t n) {
+  __m256i acc[R][nb];
+  for (int r = 0; r < R; r++)
+    for (int b = 0; b < nb; b++) acc[r][b] = _mm256_setzero_si256();
+  const int8_t* wn = w + n * K;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m256i wv[nb];
+    for (int b = 0; b < nb; b++) {
+      wv[b] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wn + b * K + k)));
+      _mm_prefetch(reinterpret_cast<const char*>(wn + b * K + k) + AHEAD, _MM_HINT_T0);
+    }
+    for (int r = 0; r < R; r++) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + r * K + k));
+      for (int b = 0; b < nb; b++) acc[r][b] = _mm256_add_epi32(acc[r][b], _mm256_madd_epi16(xv, wv[b]));
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int b = 0; b < nb; b++) {
+      int32_t sum = lanes_sum_int(acc[r][b]);
+      for (int64_t j = k; j < K; j++) sum += int32_t(x[r * K + j]) * int32_t(wn[b * K + j]);  // the tail
+      y[r * N + n + b] = sum;
+    }
+}
+
+template <int R>
+void rows16(const int16_t* x, const int8_t* w, int32_t* y, int64_t K, int64_t N) {
+  constexpr int nb = R <= 2 ? 4 : R <= 4 ? 2 : 1;  // the sums, weights and x in AVX2's 16 registers
+  at::parallel_for(0, N / nb, 64, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) block16<R, nb>(x, w, y, K, N, b * nb);
+  });
+  for (int64_t n = N / nb * nb; n < N; n++) block16<R, 1>(x, w, y, K, N, n);
+}
+
+void int8_sums(const int8_t* x, const int8_t* w, int32_t* y, int64_t M, int64_t K, int64_t N) {
+  const std::vector<int16_t> x16(x, x + M * K);
+  switch (M) {
+    case 1: rows16<1>(x16.data(), w, y, K, N); break;
+    case 2: rows16<2>(x16.data(), w, y, K, N); break;
+    case 3: rows16<3>(x16.data(), w, y, K, N); break;
+    case 4: rows16<4>(x16.data(), w, y, K, N); break;
+    case 5: rows16<5>(x16.data(), w, y, K, N); break;
+    case 6: rows16<6>(x16.data(), w, y, K, N); break;
+    case 7: rows16<7>(x16.data(), w, y, K, N); break;
+    default: rows16<8>(x16.data(), w, y, K, N);
+  }
+}
+#endif
+
+#ifdef INT8_ROWS
 at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.scalar_type() == at::kChar && w.scalar_type() == at::kChar && x.device().is_cpu() &&
               w.device().is_cpu(), "int8_rows: int8 CPU tensors expected");
   int64_t K = w.size(1), N = w.size(0), M = x.size(0);
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.is_contiguous() && x.size(1) == K && K <= 65536,
               "int8_rows: x (M, K) and a contiguous weight (N, K) with K <= 65536 expected");
-  at::Tensor xc = x.contiguous();
-  const int8_t* xp = xc.data_ptr<int8_t>();
-  const std::vector<uint8_t> xu = plus_128(xp, M * K);
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kInt));
   TORCH_CHECK(M >= 1 && M <= 8, "int8_rows: 1-8 rows expected, got ", M);
-  rows8_of(xu.data(), w.data_ptr<int8_t>(), y.data_ptr<int32_t>(), M, K, N);
+  at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kInt));
+  int8_sums(xc.data_ptr<int8_t>(), w.data_ptr<int8_t>(), y.data_ptr<int32_t>(), M, K, N);
   return y;
 }
 #endif
@@ -999,9 +1096,8 @@ at::Tensor int8_product(const at::Tensor& x, const at::Tensor& w, const at::Tens
   };
 #ifdef INT8_ROWS
   if (D <= 8 && K <= 65536) {  // few rows: the weight streamed once (int8_rows), faster than oneDNN's GEMM there
-    const std::vector<uint8_t> xu = plus_128(qp, D * K);
     at::Tensor acc = at::empty({D, N}, x.options().dtype(at::kInt));
-    rows8_of(xu.data(), w.data_ptr<int8_t>(), acc.data_ptr<int32_t>(), D, K, N);
+    int8_sums(qp, w.data_ptr<int8_t>(), acc.data_ptr<int32_t>(), D, K, N);
     scale_into(acc, 0, N);
     return y;
   }

@@ -40,8 +40,9 @@ float32 error (tests). token_losses is the training loss (speed.cross_entropy_su
 written in one pass; seeded_dropout is LoRA's dropout (lora.dropout) with the mask a function of a seed.
 
 int8_rows is the same loop for greedy decoding's int8 screen of the output layer (speed.OutputScreen): int8 times
-int8 summed exactly in int32, with AVX-512 VNNI (built only where the CPU has it). flan-t5-small's 16 MB screen
-right after the decoder's weights: ~0.55 ms against torch._int_mm's ~0.74 at 1 row, ~0.57 against ~1.0 at 4.
+int8 summed exactly in int32, with AVX-512 VNNI (flan-t5-small's 16 MB screen right after the decoder's weights:
+~0.55 ms against torch._int_mm's ~0.74 at 1 row, ~0.57 against ~1.0 at 4), or AVX2's vpmaddwd where the CPU has no
+VNNI (there oneDNN's int8 GEMM is not exact, so the screen takes 1-8 rows only).
 amx_rows does the same on Intel's AMX tiles (built where the CPU has AMX, used where Linux grants this process the
 tiles), the weight packed ahead in the tiles' layout (amx_pack): the 16 MB screen read from memory takes 0.40-0.60 ms at
 1 row (int8_rows the same), 0.39-0.43 at 8 (0.89-0.93), 0.61-0.70 at 32 (torch._int_mm, whose oneDNN GEMM packs the weight at every
@@ -61,7 +62,7 @@ import torch
 
 ROWS = range(1, 5)  # the row counts rows_linear takes
 INT8_ROWS = range(1, 9)  # and int8_rows
-INT8 = False  # whether int8_rows is loaded (built for a CPU with AVX-512 VNNI): set by available()
+INT8 = False  # whether int8_rows is loaded (built for a CPU with AVX-512 VNNI or AVX2): set by available()
 AMX = False  # whether amx_rows is loaded (built for a CPU with AMX) and the OS lets this process use AMX: likewise
 _BUILT: dict[str, bool] = {}
 
@@ -84,7 +85,7 @@ def _build() -> bool:
         return True
     try:
         from torch.utils import cpp_extension
-        native = ["-march=native"] if platform.machine().lower() in ("x86_64", "amd64") else []
+        native = [f"-march={march()}"] if platform.machine().lower() in ("x86_64", "amd64") else []
         source = os.path.join(os.path.dirname(__file__), "kernels.cpp")
         cpp_extension.load(name=f"nanoflant5_kernels_{cpu_tag()}", sources=[source],
                            extra_cflags=["-O3", "-ffp-contract=fast", "-fopenmp", *native],
@@ -159,14 +160,29 @@ def _token_losses_backward(ctx, grad, _):
     return torch.ops.nanoflant5_cpu.token_losses_backward(grad, logits, labels, lse, ctx.ignore), None, None
 
 
+def march() -> str:
+    """What the kernels are built for: the CPU at hand (-march=native), or the target that torch.compile's C++ is
+    built for where TORCHINDUCTOR_CPP_MARCH names one (AVX2_ONLY)."""
+    return os.environ.get("TORCHINDUCTOR_CPP_MARCH") or "native"
+
+
+# The environment in which a CPU with more runs as an AVX2 CPU would (AMD Zen 2/3, Intel's client CPUs), every
+# library limited to AVX2 and FMA: torch's own kernels, its GEMMs (MKL, oneDNN), torch.compile's C++ and nanoflant5's
+# kernels (march: AMD Zen 3's instructions), CTranslate2. Set before the process starts (tests/test_kernels.py,
+# benchmarks/bench.py --isa avx2).
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "TORCHINDUCTOR_CPP_MARCH": "znver3", "CT2_FORCE_CPU_ISA": "AVX2"}
+
+
 def cpu_tag() -> str:
-    """A short hash of this CPU's model and features: builds for -march=native are kept apart per CPU, so a home
-    directory shared between machines never loads one built for instructions this CPU lacks."""
+    """A short hash of this CPU's model and features and of march(): builds are kept apart per CPU and target, so a
+    home directory shared between machines never loads one built for instructions this CPU lacks."""
     try:
         with open("/proc/cpuinfo") as f:
             info = "".join(sorted({line for line in f if line.startswith(("model name", "flags", "Features"))}))
     except OSError:
         info = platform.processor() + platform.machine()
+    info += march()
     return hashlib.sha1(info.encode()).hexdigest()[:10]
 
 

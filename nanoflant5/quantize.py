@@ -17,9 +17,10 @@ attention, the embedding and the residual stream stay float32.
   sum exactly (int_mm_exact), int8_linear up to KERNEL_ROWS rows, F.linear with the weight widened past them.
 - "w8a8", weights and activations: each row of a linear layer's input is quantized to int8 too, with its own scale
   (max |x_row| / 127, round to nearest even), and the product is summed exactly in int32 (kernels.w8a8_linear over
-  torch._int_mm, oneDNN's AMX or VNNI kernels), then scaled: int8 arithmetic at every row count, which pays for
-  batched decoding and the encoder. CTranslate2's "int8" on CPU does the same. A row's result depends on that row
-  only, as in float32.
+  torch._int_mm, oneDNN's AMX or VNNI kernels; up to 8 rows kernels.int8_rows' loops), then scaled: int8 arithmetic
+  at every row count, which pays for batched decoding and the encoder. CTranslate2's "int8" on CPU does the same. A
+  row's result depends on that row only, as in float32. Where torch._int_mm does not sum exactly (CPUs without VNNI:
+  oneDNN adds pairs of products in int16), past 8 rows w8a8_reference's float arithmetic.
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ class W8A8Linear(Int8Linear):
     mode = "w8a8"
 
     def kernel(self, rows: int) -> str | None:
-        return "w8a8_linear" if int_mm_exact(self.in_features) else None
+        # (up to 8 rows the kernel sums with kernels.int8_rows' loops, exact where they are built: AVX2 CPUs too)
+        few = rows in kernels.INT8_ROWS and kernels.INT8 and self.in_features <= 65536
+        return "w8a8_linear" if few or int_mm_exact(self.in_features) else None
 
     def without_kernel(self, x):
         return w8a8_reference(x, self.q, self.scale)

@@ -665,10 +665,11 @@ OUTLIERS = 8  # channels of the output layer's input that the screen multiplies 
 _SCREENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # lm_head -> its OutputScreen
 
 
-def output_screen(model: T5, g: GenerationConfig, rows: int):
+def output_screen(model: T5, g: GenerationConfig, rows: int | None):
     """The OutputScreen of the model's output layer for greedy decoding (no beams, no sampling) on CPU in float32 or
     float64 (16 or more steps; a plain bias-free nn.Linear without hooks), else None. It is made on first use and kept
-    while the weights keep their fingerprint. rows: per step (OutputScreen.use_rows)."""
+    while the weights keep their fingerprint. rows: per step (OutputScreen.use_rows; None: the caller calls it step by
+    step)."""
     lm_head = model.lm_head
     if type(lm_head) is not nn.Linear:
         return None
@@ -684,8 +685,9 @@ def output_screen(model: T5, g: GenerationConfig, rows: int):
     if screen is None or screen.q_t.shape != w.shape[::-1] or not screen.fingerprint_matches(w):
         screen = _SCREENS[lm_head] = OutputScreen(w)
     screen.weight = w
-    screen.use_rows(rows)
-    return screen if screen.usable else None
+    if not screen.usable or (rows is not None and not screen.use_rows(rows)):
+        return None
+    return screen
 
 
 def fingerprint(w, probe):
@@ -765,16 +767,19 @@ class OutputScreen:
         if w.shape[1] % 64 == 0 and kernels.available() and kernels.AMX:
             self.packed = torch.ops.nanoflant5_cpu.amx_pack(self.q)
 
-    def use_rows(self, rows: int):
+    def use_rows(self, rows: int) -> bool:
         """Multiply `rows` rows a step: with kernels.amx_rows where the CPU has AMX (flan-t5-small's screen, weights
         read from memory: 1 row as fast as int8_rows, 8 rows 0.4 ms against 0.9, 32 rows 0.6-0.7 against _int_mm's
-        2.4-2.7), else kernels.int8_rows where it is built and takes them, else torch._int_mm."""
+        2.4-2.7), else kernels.int8_rows where it is built and takes them, else torch._int_mm. -> whether that
+        product is exact here: where it is not (torch._int_mm on a CPU without VNNI, past int8_rows' 8 rows), the
+        caller does without the screen (it would compute bounds only to fall back to the full layer)."""
         self.kernel = None
         if KERNELS and self.q.shape[1] <= 65536 and kernels.available():  # (wider: int32 sums could overflow)
             if self.packed is not None:
                 self.kernel = "amx_rows"
             elif rows in kernels.INT8_ROWS and kernels.INT8:
                 self.kernel = "int8_rows"
+        return self.kernel is not None or int_mm_exact(rows, *self.q_t.shape)
 
     def product(self, q_x):
         """q_x (M, K) int8 times q's transpose, exactly: (M, vocab) int32."""

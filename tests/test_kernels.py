@@ -125,7 +125,7 @@ def test_amx_rows_is_exact():
         torch.ops.nanoflant5_cpu.amx_rows(torch.zeros(1, 64, dtype=torch.int8), packed, N + 32)
 
 
-@pytest.mark.skipif(not kernels.INT8, reason="int8_rows is built for CPUs with AVX-512 VNNI")
+@pytest.mark.skipif(not kernels.INT8, reason="int8_rows is built for CPUs with AVX-512 VNNI or AVX2")
 def test_int8_rows_is_exact():
     """int8_rows against the exact product (float64 holds these sums exactly): every row count, the int8 extremes,
     weights whose row count is not a multiple of the 4 read side by side, columns that are not a multiple of 64."""
@@ -421,3 +421,26 @@ def test_encode_in_parts_with_fused_layers(checkpoint, monkeypatch):
         monkeypatch.setattr(S, "ENCODE_TOKENS", 1024)
         torch.testing.assert_close(S.encode(model, ids, mask), whole, rtol=1e-5, atol=1e-5)
         assert parts == [2, 2, 1, 5]
+
+
+def cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@pytest.mark.skipif(not {"avx2", "fma", "avx512f"} <= cpu_flags() or not kernels.available(),
+                    reason="needs an x86 CPU with AVX-512 to run as one with AVX2 only")
+def test_the_kernels_on_an_avx2_cpu():
+    """The kernels built and run as on a CPU with AVX2 but no AVX-512 (AMD Zen 2/3, Intel's client CPUs: 8-lane
+    vectors, int8_rows on vpmaddwd), in a process where torch, its GEMMs and the kernels are limited to AVX2
+    (kernels.AVX2_ONLY; oneDNN's int8 GEMM there adds pairs of products in int16, so torch._int_mm is not exact and the
+    screen and w8a8 take int8_rows or fall back): this file's and the screen's tests pass there too."""
+    here = os.path.dirname(__file__)
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not avx2",
+                        __file__, os.path.join(here, "test_screen.py")],
+                       env=dict(os.environ, **kernels.AVX2_ONLY), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout.splitlines()[-1]

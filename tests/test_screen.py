@@ -19,8 +19,13 @@ pytestmark = pytest.mark.skipif(not S.SCREEN, reason="torch without torch._int_m
 # VNNI, AMX)
 KERNELS = [name for name in ("int8_rows", "amx_rows")
            if kernels.available() and {"int8_rows": kernels.INT8, "amx_rows": kernels.AMX}[name]]
-PRODUCTS = [None] + [pytest.param(name, marks=pytest.mark.skipif(name not in KERNELS, reason=f"{name} not built here"))
-                     for name in ("int8_rows", "amx_rows")]
+# torch._int_mm sums exactly here: not on CPUs without VNNI, where oneDNN adds pairs of products in int16 (the
+# screen then takes int8_rows, or the full output layer)
+EXACT = S.SCREEN and S.int_mm_exact(8, 256, 1024)
+exact_int_mm = pytest.mark.skipif(not EXACT, reason="torch._int_mm does not sum exactly on this CPU")
+PRODUCTS = [pytest.param(None, marks=exact_int_mm)] + [
+    pytest.param(name, marks=pytest.mark.skipif(name not in KERNELS, reason=f"{name} not built here"))
+    for name in ("int8_rows", "amx_rows")]
 
 
 def full_argmax(x, w, process):
@@ -102,6 +107,7 @@ def test_screen_falls_back_where_the_int8_product_overflows():
 @pytest.mark.parametrize("epilogue", [False] + [pytest.param(True, marks=pytest.mark.skipif(
     not kernels.available(), reason="no C++ compiler to build the kernels"))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@exact_int_mm
 def test_screen_bound_holds_and_is_tight(dtype, epilogue, monkeypatch):
     """approx - b <= logit <= approx + b for every token, also for an input that makes Cauchy-Schwarz nearly an
     equality: x along one token's int8 rounding error e_i, and a multiple of int8 values (no input rounding), where
@@ -134,6 +140,7 @@ def test_screen_bound_holds_and_is_tight(dtype, epilogue, monkeypatch):
     assert err[0, i] >= 0.9 * b[0, i]
 
 
+@exact_int_mm
 def test_compiled_bounds_hold():
     """bounds() compiled (as the compiled decoding step computes it, adding the outlying channels' products term by
     term) holds as eagerly, for inputs whose largest entries would otherwise set a coarse int8 scale; with the int8
@@ -196,6 +203,12 @@ def test_screen_falls_back_where_it_must(monkeypatch):
     monkeypatch.setattr(torch, "_int_mm", saturating)
     assert not S.int_mm_exact(2, 64, 512)
     assert screen.candidates(screen.bounds(x[:1].expand(2, -1).contiguous()), lambda s: s) is None
+    # so greedy does without the screen where no exact kernel takes the rows (int8_rows: up to 8; amx_rows: any)
+    monkeypatch.setattr(S, "KERNELS", False)  # torch._int_mm alone
+    assert not screen.use_rows(8) and not screen.use_rows(32)
+    monkeypatch.setattr(S, "KERNELS", True)
+    assert screen.use_rows(8) == (kernels.available() and (kernels.INT8 or kernels.AMX))
+    assert screen.use_rows(32) == (kernels.available() and kernels.AMX)
 
 
 def test_greedy_through_the_screen_matches_transformers(checkpoint, monkeypatch):
