@@ -4,7 +4,7 @@
     python benchmarks/bench.py --quick    # small only, 1 repeat
     python benchmarks/bench.py --modes    # also the low-precision modes (bfloat16, int8, w8a8) beside CTranslate2 int8
     python benchmarks/bench.py --first-call  # also the first call of a fresh process (eager; compiled, cold/warm)
-    python benchmarks/bench.py --isa avx2    # every library limited to AVX2, as on AMD Zen 2/3 or Intel's client CPUs
+    python benchmarks/bench.py --as-cpu avx2  # every library limited to AVX2, as on AMD Zen 2/3 or Intel's client CPUs
 
 The checkpoints have random weights (tests/helpers.make_checkpoint with the preset's sizes): speed does not depend
 on the weights, and the helper's weights make greedy and beam outputs vary, so "outputs equal" means something.
@@ -374,21 +374,22 @@ def cpu_model() -> str:
         return platform.processor() or "CPU"
 
 
-def limit_isa(isa: str) -> bool:
-    """Set the environment in which every library here uses only `isa`'s instructions (kernels.AVX2_ONLY). -> whether
-    it changed, i.e. the process must start again to take it."""
-    from nanoflant5.kernels import AVX2_ONLY
+def as_cpu(name: str) -> bool:
+    """Set the environment in which this CPU runs as `name` would (kernels.AS_CPU). -> whether it changed, i.e. the
+    process must start again to take it."""
+    from nanoflant5.kernels import AS_CPU
 
-    changed = any(os.environ.get(k) != v for k, v in AVX2_ONLY.items())
-    os.environ.update(AVX2_ONLY)
+    changed = any(os.environ.get(k) != v for k, v in AS_CPU[name].items())
+    os.environ.update(AS_CPU[name])
     return changed
 
 
-def isa_note() -> str:
-    from nanoflant5.kernels import AVX2_ONLY
+def limits_note() -> str:
+    from nanoflant5.kernels import AS_CPU
 
-    limits = [f"{k}={os.environ[k]}" for k in AVX2_ONLY if os.environ.get(k)]
-    return f"; limited to {', '.join(limits)}" if limits else ""
+    limits = [f"{k}={os.environ[k]}" for k in dict.fromkeys(k for env in AS_CPU.values() for k in env)
+              if os.environ.get(k)]
+    return f"; run with {', '.join(limits)}" if limits else ""
 
 
 def main():
@@ -403,12 +404,12 @@ def main():
     p.add_argument("--compile", action="store_true", help="nanoflant5 with generate(compile=True)")
     p.add_argument("--modes", action="store_true", help="also bfloat16, int8 and w8a8 (and CTranslate2 int8)")
     p.add_argument("--first-call", action="store_true", help="also the first calls of fresh processes")
-    p.add_argument("--isa", choices=("avx2",), help="run as a CPU with AVX2 only would (AMD Zen 2/3, Intel's client "
-                   "CPUs), on a CPU with more: kernels.AVX2_ONLY")
+    p.add_argument("--as-cpu", choices=("avx2", "zen4"), help="run as a CPU with AVX2 only (AMD Zen 2/3, Intel's "
+                   "client CPUs) or as AMD Zen 4 would, as far as instructions go (kernels.AS_CPU)")
     p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--first-call-child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.isa and limit_isa(args.isa):
+    if args.as_cpu and as_cpu(args.as_cpu):
         os.execv(sys.executable, [sys.executable] + sys.argv)  # afresh, so that every library reads the limits
     global DEVICE, DTYPE, COMPILE
     DEVICE, DTYPE, COMPILE = torch.device(args.device), getattr(torch, args.dtype), args.compile
@@ -444,7 +445,7 @@ def main():
             mem.append((name, {i: peak_rss(i, folder) for i in impls}))
 
     print(f"\nCommand: `python {' '.join(sys.argv)}` ({time.strftime('%Y-%m-%d')})  \ntorch {torch.__version__}, {THREADS} threads, {args.dtype}, "
-          f"{torch.cuda.get_device_name() if DEVICE.type == 'cuda' else cpu_model()}{isa_note()}"
+          f"{torch.cuda.get_device_name() if DEVICE.type == 'cuda' else cpu_model()}{limits_note()}"
           f"{'; nanoflant5 compiled' * COMPILE}; "
           f"inputs {IN_LEN} tokens, {NEW} new tokens forced; median of {args.repeats} alternating runs after a warm-up"
           f"{'; ratio (lowest-highest per-run ratio)' * (args.repeats > 1)}.\n")

@@ -162,16 +162,21 @@ def _token_losses_backward(ctx, grad, _):
 
 def march() -> str:
     """What the kernels are built for: the CPU at hand (-march=native), or the target that torch.compile's C++ is
-    built for where TORCHINDUCTOR_CPP_MARCH names one (AVX2_ONLY)."""
+    built for where TORCHINDUCTOR_CPP_MARCH names one (AS_CPU)."""
     return os.environ.get("TORCHINDUCTOR_CPP_MARCH") or "native"
 
 
-# The environment in which a CPU with more runs as an AVX2 CPU would (AMD Zen 2/3, Intel's client CPUs), every
-# library limited to AVX2 and FMA: torch's own kernels, its GEMMs (MKL, oneDNN), torch.compile's C++ and nanoflant5's
-# kernels (march: AMD Zen 3's instructions), CTranslate2. Set before the process starts (tests/test_kernels.py,
-# benchmarks/bench.py --isa avx2).
-AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-             "TORCHINDUCTOR_CPP_MARCH": "znver3", "CT2_FORCE_CPU_ISA": "AVX2"}
+# Environments in which this CPU runs as another would, every library limited alike: torch's own kernels, its GEMMs
+# (MKL, oneDNN), torch.compile's C++ and nanoflant5's kernels (march), CTranslate2. Set before the process starts
+# (tests/test_kernels.py, benchmarks/bench.py --as-cpu). "avx2": AVX2 and FMA only, as AMD Zen 2/3 and Intel's client
+# CPUs (Zen 3's instructions); "zen4": AMD Zen 4's instructions (AVX-512 with VNNI and BF16, no AMX: Cooper Lake's,
+# as GCC 12 has no znver4), MKL held to the AVX2 code it runs on AMD, and CTranslate2 on oneDNN instead of MKL, as
+# it runs there (not AMD's caches and memory).
+AS_CPU = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                   "TORCHINDUCTOR_CPP_MARCH": "znver3", "CT2_FORCE_CPU_ISA": "AVX2"},
+          "zen4": {"ATEN_CPU_CAPABILITY": "avx512", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                   "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16", "TORCHINDUCTOR_CPP_MARCH": "cooperlake",
+                   "CT2_USE_MKL": "0"}}
 
 
 def cpu_tag() -> str:

@@ -423,6 +423,39 @@ def test_encode_in_parts_with_fused_layers(checkpoint, monkeypatch):
         assert parts == [2, 2, 1, 5]
 
 
+@pytest.mark.skipif("onednn" not in S.PACKERS, reason="torch without oneDNN's packed GEMM")
+def test_encoder_on_onednns_packed_gemm(checkpoint, monkeypatch):
+    """Where encoder_gemm picks oneDNN's packed GEMM (as it measures on AMD CPUs), speed.encode runs every encoder
+    linear on it (counted) from ENCODE_PACK_TOKENS tokens and gives model.encode's rows to float32 rounding; fewer
+    tokens, or int8 layers, keep F.linear; afterwards the layers are plain again. The measured choice is one of the
+    two and kept for the process."""
+    from nanoflant5 import T5
+
+    assert S.encoder_gemm(torch.float32) in (None, "onednn") and torch.float32 in S._ENCODER_GEMM
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = T5.from_pretrained(folder, dtype=torch.float32).eval()
+    ids, mask = random_batch(model.config.vocab_size, [9, 4, 7, 2, 9])
+    monkeypatch.setattr(S, "_ENCODER_GEMM", {torch.float32: "onednn"})
+    calls = []
+    run = S.PACKERS["onednn"].run
+    monkeypatch.setitem(S.PACKERS, "onednn", S.PACKERS["onednn"]._replace(
+        run=lambda *a, **k: calls.append(1) or run(*a, **k)))
+    linears = 4 * len(model.encoder.blocks)
+    with torch.inference_mode():
+        whole = model.encode(ids, mask)
+        monkeypatch.setattr(S, "ENCODE_PACK_TOKENS", ids.numel())
+        torch.testing.assert_close(S.encode(model, ids, mask), whole, rtol=1e-5, atol=1e-5)
+        assert len(calls) == linears
+        monkeypatch.setattr(S, "ENCODE_PACK_TOKENS", ids.numel() + 1)
+        S.encode(model, ids, mask)
+        assert len(calls) == linears
+        assert not any("forward" in m.__dict__ for m in model.modules())
+        monkeypatch.setattr(S, "ENCODE_PACK_TOKENS", 1)
+        q = T5.from_pretrained(folder, dtype=torch.float32, quantize="int8").eval()
+        S.encode(q, ids, mask)
+        assert len(calls) == linears
+
+
 def cpu_flags() -> set:
     try:
         with open("/proc/cpuinfo") as f:
@@ -436,11 +469,11 @@ def cpu_flags() -> set:
 def test_the_kernels_on_an_avx2_cpu():
     """The kernels built and run as on a CPU with AVX2 but no AVX-512 (AMD Zen 2/3, Intel's client CPUs: 8-lane
     vectors, int8_rows on vpmaddwd), in a process where torch, its GEMMs and the kernels are limited to AVX2
-    (kernels.AVX2_ONLY; oneDNN's int8 GEMM there adds pairs of products in int16, so torch._int_mm is not exact and the
-    screen and w8a8 take int8_rows or fall back): this file's and the screen's tests pass there too."""
+    (kernels.AS_CPU["avx2"]; oneDNN's int8 GEMM there adds pairs of products in int16, so torch._int_mm is not exact
+    and the screen and w8a8 take int8_rows or do without it): this file's and the screen's tests pass there too."""
     here = os.path.dirname(__file__)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not avx2",
                         __file__, os.path.join(here, "test_screen.py")],
-                       env=dict(os.environ, **kernels.AVX2_ONLY), capture_output=True, text=True, timeout=900)
+                       env=dict(os.environ, **kernels.AS_CPU["avx2"]), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout.splitlines()[-1]
