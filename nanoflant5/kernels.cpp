@@ -291,6 +291,29 @@ inline void block_int8(const float* x, const int8_t* w, const float* scale, floa
 template <int nb>
 inline void rows_int8(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
                       int64_t n) {
+  if (M > 4) {  // the block's weights widened once for all the chunks of rows, not again for each (same results)
+    thread_local std::vector<float> wide;
+    wide.resize(nb * K);
+    for (int b = 0; b < nb; b++)
+      for (int64_t k = 0; k < K; k += L) {
+        const vfloat v = load_int8(w + (n + b) * K + k);
+        std::memcpy(wide.data() + b * K + k, &v, sizeof v);
+      }
+    for (int64_t m = 0; m < M; m += 4) {
+      const float* xm = x + m * K;
+      float* ym = y + m * N + n;
+      const int R = M - m < 4 ? M - m : 4;
+      switch (R) {
+        case 1: block<1, nb>(xm, wide.data(), ym, K, N, 0); break;
+        case 2: block<2, nb>(xm, wide.data(), ym, K, N, 0); break;
+        case 3: block<3, nb>(xm, wide.data(), ym, K, N, 0); break;
+        default: block<4, nb>(xm, wide.data(), ym, K, N, 0);
+      }
+      for (int r = 0; r < R; r++)
+        for (int b = 0; b < nb; b++) ym[r * N + b] *= scale[n + b];
+    }
+    return;
+  }
   for (int64_t m = 0; m < M; m += 4) {  // the weight block stays in L1 between the chunks of rows
     const float* xm = x + m * K;
     float* ym = y + m * N;

@@ -470,10 +470,11 @@ def test_the_kernels_on_an_avx2_cpu():
     """The kernels built and run as on a CPU with AVX2 but no AVX-512 (AMD Zen 2/3, Intel's client CPUs: 8-lane
     vectors, int8_rows on vpmaddwd), in a process where torch, its GEMMs and the kernels are limited to AVX2
     (kernels.AS_CPU["avx2"]; oneDNN's int8 GEMM there adds pairs of products in int16, so torch._int_mm is not exact
-    and the screen and w8a8 take int8_rows or do without it): this file's and the screen's tests pass there too."""
+    and the screen and w8a8 take int8_rows or do without it): this file's, the screen's and the int8 modes' tests
+    pass there too."""
     here = os.path.dirname(__file__)
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", "not avx2",
-                        __file__, os.path.join(here, "test_screen.py")],
+                        __file__, os.path.join(here, "test_screen.py"), os.path.join(here, "test_quantize.py")],
                        env=dict(os.environ, **kernels.AS_CPU["avx2"]), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout.splitlines()[-1]
