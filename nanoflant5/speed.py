@@ -280,16 +280,23 @@ def choose_packer(weight, rows: int):
               for _ in range(max(1, MEASURE_BYTES // (2 ** 20 * weight.element_size())))]
         x = torch.randn(rows, 1024, generator=gen).to(weight.dtype)
         packed = {name: [PACKERS[name].pack(w, rows) for w in ws] for name in candidates}
-        times = {name: float("inf") for name in candidates}
-        for i in range(MEASURE_ROUNDS + 1):  # the candidates take turns, so that a busy moment of the machine does not
-            for name in candidates:  # fall on one of them only; the first round warms up
-                start = time.perf_counter()
-                for p, w in zip(packed[name], ws):
-                    PACKERS[name].run(x, p, w, rows)
-                if i:
-                    times[name] = min(times[name], time.perf_counter() - start)
+        times = best_times({name: lambda name=name: [PACKERS[name].run(x, p, w, rows) for p, w in zip(packed[name], ws)]
+                            for name in candidates}, MEASURE_ROUNDS)
         _CHOSEN[key] = min(times, key=times.get)
     return _CHOSEN[key]
+
+
+def best_times(runs: dict, rounds: int) -> dict:
+    """Each run's best time (s) of `rounds`, the runs taking turns, so that a busy moment of the machine does not fall
+    on one of them only, after a round that warms up."""
+    times = {name: float("inf") for name in runs}
+    for i in range(rounds + 1):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            if i:
+                times[name] = min(times[name], time.perf_counter() - start)
+    return times
 
 
 @contextmanager
@@ -575,14 +582,7 @@ def encoder_gemm(dtype) -> str | None:
             gen = torch.Generator().manual_seed(0)
             x, w = (torch.randn(1024, 1024, generator=gen).to(dtype) for _ in range(2))
             packed = packer.pack(w, 1024)
-            runs = {None: lambda: F.linear(x, w), "onednn": lambda: packer.run(x, packed, w, 1024)}
-            best = {name: float("inf") for name in runs}
-            for i in range(4):  # taking turns; the first round warms up
-                for name, run in runs.items():
-                    start = time.perf_counter()
-                    run()
-                    if i:
-                        best[name] = min(best[name], time.perf_counter() - start)
+            best = best_times({None: lambda: F.linear(x, w), "onednn": lambda: packer.run(x, packed, w, 1024)}, 3)
             if best["onednn"] * 1.1 < best[None]:
                 _ENCODER_GEMM[dtype] = "onednn"
     return _ENCODER_GEMM[dtype]
