@@ -2,6 +2,7 @@
 // - rows_linear(x (..., K), w (N, K)) = x @ w.T for float32 (or bfloat16) x and w of 1-4 rows;
 // - panel_linear(x (..., K), packed w, N) = x @ w.T for float32 x of 5-64 rows, w packed in panels of 64 columns;
 // - decode_attention(q, k, v, bias, rows): attention of a decoding step's few queries a row;
+// - full_attention(q, k, v, bias, key_mask): attention of whole sequences (the encoder's), T5's bias in a compact form;
 // - decoder_block(x, ...): a T5 decoder block's decoding step in one call, on the kernels above (or torch's packed
 //   GEMMs);
 // - screen_bounds(product, ...): the greedy output layer's int8 screen's bounds from its int8 product, in one pass;
@@ -183,13 +184,13 @@ constexpr int64_t BLOCK_COLS = L == 16 ? PANEL : PANEL / 2;
 constexpr int64_t KC = 64;     // k a chunk (16 KB of a panel)
 constexpr int64_t AHEAD_K = 64;  // weights fetched this far ahead in k
 
-template <int R>
-inline void panel_block(const float* x, int64_t K, const float* w, float* acc_buf, int64_t k0, int64_t k1,
-                        int64_t fetch_k, int64_t fetch_step) {  // (w, acc_buf: at the block's first column)
+template <int R>  // (w, acc_buf: at the block's first column; acc_buf's rows ld floats apart)
+inline void panel_block(const float* x, int64_t K, const float* w, float* acc_buf, int64_t ld, int64_t k0,
+                        int64_t k1, int64_t fetch_k, int64_t fetch_step) {
   constexpr int NV = BLOCK_COLS / L;
   vfloat acc[R][NV];
   for (int r = 0; r < R; r++)
-    for (int j = 0; j < NV; j++) acc[r][j] = k0 == 0 ? vfloat{} : load(acc_buf + r * PANEL + j * L);
+    for (int j = 0; j < NV; j++) acc[r][j] = k0 == 0 ? vfloat{} : load(acc_buf + r * ld + j * L);
   for (int64_t k = k0; k < k1; k++) {
     vfloat wv[NV];
     for (int j = 0; j < NV; j++) wv[j] = load(w + k * PANEL + j * L);
@@ -203,7 +204,24 @@ inline void panel_block(const float* x, int64_t K, const float* w, float* acc_bu
     }
   }
   for (int r = 0; r < R; r++)
-    for (int j = 0; j < NV; j++) std::memcpy(acc_buf + r * PANEL + j * L, &acc[r][j], sizeof(vfloat));
+    for (int j = 0; j < NV; j++) std::memcpy(acc_buf + r * ld + j * L, &acc[r][j], sizeof(vfloat));
+}
+
+// A panel's sums for r (1 to BLOCK_ROWS) rows of x over k0..k1, a block of columns after the other
+inline void panel_rows(int64_t r, const float* x, int64_t K, const float* w, float* acc_buf, int64_t ld, int64_t k0,
+                       int64_t k1, int64_t fetch_k, int64_t fetch_step) {
+  for (int64_t c0 = 0; c0 < PANEL; c0 += BLOCK_COLS) {
+    const float* wc = w + c0;
+    float* ac = acc_buf + c0;
+    switch (r) {
+      case 1: panel_block<1>(x, K, wc, ac, ld, k0, k1, fetch_k, fetch_step); break;
+      case 2: panel_block<2>(x, K, wc, ac, ld, k0, k1, fetch_k, fetch_step); break;
+      case 3: panel_block<3>(x, K, wc, ac, ld, k0, k1, fetch_k, fetch_step); break;
+      case 4: panel_block<4>(x, K, wc, ac, ld, k0, k1, fetch_k, fetch_step); break;
+      case 5: panel_block<5>(x, K, wc, ac, ld, k0, k1, fetch_k, fetch_step); break;
+      default: panel_block<6>(x, K, wc, ac, ld, k0, k1, fetch_k, fetch_step); break;
+    }
+  }
 }
 
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
@@ -230,19 +248,7 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N
         const int64_t k1 = std::min(K, k0 + KC);
         for (int64_t b = 0, r0 = 0; b < blocks; b++) {
           const int64_t r = size + (b < larger);
-          const float* xr = xp + r0 * K;
-          for (int64_t c0 = 0; c0 < PANEL; c0 += BLOCK_COLS) {
-            const float* wc = w + c0;
-            float* ar = acc.data() + r0 * PANEL + c0;
-            switch (r) {
-              case 1: panel_block<1>(xr, K, wc, ar, k0, k1, k0 + b, blocks); break;
-              case 2: panel_block<2>(xr, K, wc, ar, k0, k1, k0 + b, blocks); break;
-              case 3: panel_block<3>(xr, K, wc, ar, k0, k1, k0 + b, blocks); break;
-              case 4: panel_block<4>(xr, K, wc, ar, k0, k1, k0 + b, blocks); break;
-              case 5: panel_block<5>(xr, K, wc, ar, k0, k1, k0 + b, blocks); break;
-              default: panel_block<6>(xr, K, wc, ar, k0, k1, k0 + b, blocks); break;
-            }
-          }
+          panel_rows(r, xp + r0 * K, K, w, acc.data() + r0 * PANEL, PANEL, k0, k1, k0 + b, blocks);
           r0 += r;
         }
       }
@@ -734,6 +740,126 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     case 7: run(attend_rows<7 * U>); break;
     default: run(attend_rows<8 * U>); break;
   }
+  return out.transpose(1, 2);
+}
+
+// full_attention: attention of whole sequences, every query over every key (the encoder's self-attention, T queries
+// and S keys a row and head):
+//   out[b, h, t] = softmax(q[b, h, t] . k[b, h, s] + bias[b, h, t, s] + key_mask[b, s] over s) v[b, h, s]
+// without 1/sqrt(d) (T5's). bias is (B or 1, H or 1, T or 1, S), or T5's relative position bias as one row per head,
+// (H, T + S - 1): bias[b, h, t, s] = bias[h, T - 1 - t + s], a function of s - t only, whose rows stay in L1 where
+// the (B, H, T, S) tensor streams from memory (flan-t5-small: 12.6 MB a layer for 2 rows of 512). key_mask (B, S):
+// added (the padding: 0 or the dtype's minimum), or none. A task is one row's head: its keys laid out in panels of 64
+// keys and its values in panels of 64 of their D columns (as pack_panels lays out a weight), then, TILE queries at a
+// time, the scores as panel_linear computes a product (register blocks of 6 queries x 64 keys, a panel's D x 64
+// floats in L1), plus the biases, a softmax per query (vexp, in float32), and the values' product the same way, written
+// into out (B, T, H, D) in memory (returned as its (B, H, T, D) view), which the output projection's reshape reads as
+// is. Any strides for q, k, v but the last dimension's 1; D a multiple of 64.
+constexpr int64_t TILE = 48;  // queries a tile: their scores (TILE x S floats) stay in L2
+
+at::Tensor full_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
+                          const std::optional<at::Tensor>& key_mask) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
+              bias.scalar_type() == at::kFloat && q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu() &&
+              bias.device().is_cpu() && q.dim() == 4 && k.dim() == 4 && v.dim() == 4 &&
+              (bias.dim() == 4 || bias.dim() == 2),
+              "full_attention: float32 CPU tensors q (B, H, T, D), k and v (B, H, S, D), bias (B, H, T, S) or "
+              "(H, T + S - 1) expected");
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.sizes() == k.sizes() && D % PANEL == 0 &&
+              S > 0 && q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
+              "full_attention: shapes or strides not taken");
+  const bool relative = bias.dim() == 2;
+  int64_t bs[3] = {0, 0, 0};  // bias's strides for b, h, t (relative: h's)
+  if (relative) {
+    TORCH_CHECK(bias.size(0) == H && bias.size(1) == T + S - 1 && bias.stride(1) == 1,
+                "full_attention: a relative bias (H, T + S - 1) expected");
+    bs[1] = bias.stride(0);
+  } else {
+    const int64_t want[4] = {B, H, T, S};
+    for (int d = 0; d < 4; d++)
+      TORCH_CHECK(bias.size(d) == want[d] || bias.size(d) == 1, "full_attention: bias does not broadcast");
+    for (int d = 0; d < 3; d++) bs[d] = bias.size(d) == 1 ? 0 : bias.stride(d);
+    TORCH_CHECK(bias.stride(3) == 1 || S == 1, "full_attention: the bias's last dimension must be contiguous");
+  }
+  const float* mp = nullptr;
+  int64_t ms = 0;
+  if (key_mask.has_value()) {
+    TORCH_CHECK(key_mask->scalar_type() == at::kFloat && key_mask->dim() == 2 && key_mask->size(0) == B &&
+                key_mask->size(1) == S && key_mask->stride(1) == 1,
+                "full_attention: key_mask (B, S) of float32 expected");
+    mp = key_mask->data_ptr<float>(), ms = key_mask->stride(0);
+  }
+  at::Tensor out = at::empty({B, T, H, D}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>(),
+              *bp = bias.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t key_panels = (S + PANEL - 1) / PANEL, Sp = key_panels * PANEL, value_panels = D / PANEL;
+  const int64_t qs[3] = {q.stride(0), q.stride(1), q.stride(2)}, ks[3] = {k.stride(0), k.stride(1), k.stride(2)},
+                vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> keys(Sp * D), values(S * D), qt(TILE * D), scores(TILE * Sp), inv(TILE);
+    for (int64_t i = i0; i < i1; i++) {
+      const int64_t b = i / H, h = i % H;
+      const float *kb = kp + b * ks[0] + h * ks[1], *vb = vp + b * vs[0] + h * vs[1];
+      std::fill(keys.begin() + (Sp - PANEL) * D, keys.end(), 0.0f);  // (the last panel's keys past S: 0)
+      for (int64_t s = 0; s < S; s++) {  // keys[s / 64][d][s % 64] = k[s][d]; values[d / 64][s][d % 64] = v[s][d]
+        const float* ks_ = kb + s * ks[2];
+        float* to = keys.data() + s / PANEL * D * PANEL + s % PANEL;
+        for (int64_t d = 0; d < D; d++) to[d * PANEL] = ks_[d];
+        for (int64_t p = 0; p < value_panels; p++)
+          std::memcpy(values.data() + (p * S + s) * PANEL, vb + s * vs[2] + p * PANEL, PANEL * sizeof(float));
+      }
+      for (int64_t t0 = 0; t0 < T; t0 += TILE) {
+        const int64_t n = std::min(TILE, T - t0);
+        for (int64_t t = 0; t < n; t++)
+          std::memcpy(qt.data() + t * D, qp + b * qs[0] + h * qs[1] + (t0 + t) * qs[2], D * sizeof(float));
+        // rows in blocks of at most BLOCK_ROWS, as even as can be (as panel_linear's)
+        const int64_t blocks = (n + BLOCK_ROWS - 1) / BLOCK_ROWS, size = n / blocks, larger = n % blocks;
+        for (int64_t p = 0; p < key_panels; p++)  // a panel of keys (D x 64 floats) stays in L1 for every query
+          for (int64_t blk = 0, r0 = 0; blk < blocks; r0 += size + (blk < larger), blk++)
+            panel_rows(size + (blk < larger), qt.data() + r0 * D, D, keys.data() + p * D * PANEL,
+                       scores.data() + r0 * Sp + p * PANEL, Sp, 0, D, -1, 0);
+        for (int64_t t = 0; t < n; t++) {  // + the biases, then softmax's numerators over the S keys
+          float* r = scores.data() + t * Sp;
+          const float* bt = relative ? bp + h * bs[1] + (T - 1 - t0 - t)  // (row t of the relative form)
+                                     : bp + b * bs[0] + h * bs[1] + (t0 + t) * bs[2];
+          const float* mb = mp ? mp + b * ms : nullptr;
+          vfloat vmax = vfloat{} - INFINITY;
+          int64_t s = 0;
+          for (; s + L <= S; s += L) {
+            const vfloat x = load(r + s) + load(bt + s) + (mb ? load(mb + s) : vfloat{});
+            std::memcpy(r + s, &x, sizeof x);
+            vmax = x > vmax ? x : vmax;
+          }
+          float mx = -INFINITY;
+          for (int i = 0; i < L; i++) mx = std::max(mx, vmax[i]);
+          for (; s < S; s++) mx = std::max(mx, r[s] += bt[s] + (mb ? mb[s] : 0.0f));
+          vfloat acc = {};
+          for (s = 0; s + L <= S; s += L) {
+            const vfloat e = vexp(load(r + s) - mx);
+            std::memcpy(r + s, &e, sizeof e);
+            acc += e;
+          }
+          float sum = lanes_sum(acc);
+          for (; s < S; s++) sum += (r[s] = std::exp(r[s] - mx));
+          inv[t] = 1.0f / sum;
+        }
+        for (int64_t p = 0; p < value_panels; p++)  // 64 values' D columns at a time (16 KB) in L1 for every query
+          for (int64_t k0 = 0; k0 < S; k0 += KC)
+            for (int64_t blk = 0, r0 = 0; blk < blocks; r0 += size + (blk < larger), blk++)
+              panel_rows(size + (blk < larger), scores.data() + r0 * Sp, Sp, values.data() + p * S * PANEL,
+                         op + ((b * T + t0 + r0) * H + h) * D + p * PANEL, H * D, k0, std::min(S, k0 + KC), -1, 0);
+        for (int64_t t = 0; t < n; t++) {  // / the softmax's denominators
+          float* o = op + ((b * T + t0 + t) * H + h) * D;
+          for (int64_t d = 0; d < D; d += L) {
+            const vfloat x = load(o + d) * inv[t];
+            std::memcpy(o + d, &x, sizeof x);
+          }
+        }
+      }
+    }
+  });
   return out.transpose(1, 2);
 }
 
@@ -1304,6 +1430,7 @@ TORCH_LIBRARY(nanoflant5_cpu, m) {
   m.def("gated_gelu_backward(Tensor grad, Tensor h) -> Tensor");
   m.def("seeded_dropout(Tensor x, int dropped, int seed) -> Tensor");
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor bias, Tensor? rows) -> Tensor");
+  m.def("full_attention(Tensor q, Tensor k, Tensor v, Tensor bias, Tensor? key_mask) -> Tensor");
   m.def("decoder_block(Tensor x, Tensor[] norms, Tensor[] linears, Tensor[] scales, int[] kinds, int[] outs, "
         "float eps, str act, bool gated, Tensor(a!) cache, int pos, Tensor? positions, Tensor bias, Tensor? rows, "
         "Tensor cross_k, Tensor cross_v, Tensor cross_mask) -> Tensor");
@@ -1342,6 +1469,7 @@ TORCH_LIBRARY_IMPL(nanoflant5_cpu, CPU, m) {
   m.impl("token_losses", &token_losses);
   m.impl("seeded_dropout", &seeded_dropout);
   m.impl("decode_attention", &decode_attention);
+  m.impl("full_attention", &full_attention);
   m.impl("decoder_block", &decoder_block);
   m.impl("screen_bounds", &screen_bounds);
   m.impl("token_losses_backward", &token_losses_backward);

@@ -157,8 +157,12 @@ class SelfAttention(nn.Module):
             y = self.attend_cache(q, kv, bias, None if index is None else index[:len(kv)])
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
-            y = attention(q, k, v, bias, self.dropout if self.training else 0.0)  # (B, H, T, D)
+            y = self.attend(q, k, v, bias)  # (B, H, T, D)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
+
+    def attend(self, q, k, v, bias):
+        """Attention of q over k and v (B, H, T, D), no cache. (speed.encode runs a kernel in its place.)"""
+        return attention(q, k, v, bias, self.dropout if self.training else 0.0)
 
     def attend_cache(self, q, kv, bias, index=None):
         """Attention of q (B, H, T, D) over the cached keys and values kv (S, B, 2, H, D); index (S, B): where each
@@ -290,17 +294,22 @@ class Encoder(nn.Module):
 
     def forward(self, x, attention_mask=None):
         """x: embedded input (B, S, d_model); attention_mask: (B, S), 0 at padding."""
-        S = x.shape[1]
-        if use_flex(self, x):
-            bias = FlexBias(self.relative_bias, S, S, key_mask=attention_mask)
-        else:
-            bias = self.relative_bias(S, S)  # (1, H, S, S)
-            if attention_mask is not None:
-                bias = bias.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(bias.dtype).min)  # (B,H,S,S)
+        bias = self.attention_bias(x.shape[1], attention_mask, x)
         x = self.dropout(x)
         for block in self.blocks:
             x = run_block(block, self.checkpointing, x, bias)
         return self.dropout(self.final_norm(x))
+
+    def attention_bias(self, S: int, attention_mask, x):
+        """What every block's self-attention adds to its scores: the relative position bias (1, H, S, S), or with
+        padding (B, H, S, S), the dtype's minimum at padded keys; or a FlexBias of both. (speed.encode gives its kernel
+        another form.)"""
+        if use_flex(self, x):
+            return FlexBias(self.relative_bias, S, S, key_mask=attention_mask)
+        bias = self.relative_bias(S, S)  # (1, H, S, S)
+        if attention_mask is not None:
+            bias = bias.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(bias.dtype).min)  # (B,H,S,S)
+        return bias
 
 
 class Decoder(nn.Module):

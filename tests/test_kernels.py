@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import nanoflant5.speed as S
-from helpers import random_batch
+from helpers import make_checkpoint, random_batch
 from nanoflant5 import kernels
 from nanoflant5.load import load_model
 
@@ -99,6 +99,74 @@ def test_decode_attention_is_attention(D):
         torch.ops.nanoflant5_cpu.decode_attention(q, k, v, bias, rows + B)
     with pytest.raises(RuntimeError, match="float32"):
         torch.ops.nanoflant5_cpu.decode_attention(q.double(), k, v, bias, None)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_full_attention_is_attention(D):
+    """full_attention against SDPA in float64, within 2x torch's own float32 error: q, k and v strided as the fused
+    qkv projection leaves them, one query and one key, lengths that are not a multiple of the 48 queries a tile or
+    the 64 keys a panel; the bias broadcast from (1, H, T, S), whole (B, H, T, S), or T5's relative form (H, T + S - 1)
+    with the padding as a (B, S) key mask (the float32 minimum)."""
+    gen = torch.Generator().manual_seed(D)
+    low = torch.finfo(torch.float32).min
+    H = 3
+    for B, T, S in [(1, 1, 1), (2, 7, 70), (3, 130, 130), (2, 49, 5)]:
+        q = torch.randn(B, T, 3, H, D, generator=gen)[:, :, 0].transpose(1, 2)  # (B, H, T, D), strided
+        k, v = torch.randn(B, S, 3, H, D, generator=gen)[:, :, 1:].permute(2, 0, 3, 1, 4)
+        relative = torch.randn(H, T + S - 1, generator=gen) * 3
+        bias = relative[:, (T - 1 - torch.arange(T))[:, None] + torch.arange(S)][None]  # (1, H, T, S)
+        key_mask = torch.zeros(B, S)
+        key_mask[0, S // 2 + 1:] = low
+        masked = bias.masked_fill(key_mask[:, None, None, :] == low, low)  # the encoder's (B, H, T, S) bias
+        for args, plain in [((q, k, v, bias, None), (q, k, v, bias)), ((q, k, v, masked, None), (q, k, v, masked)),
+                            ((q, k, v, relative, key_mask), (q, k, v, masked)),
+                            ((q, k, v, bias.contiguous(), key_mask), (q, k, v, masked))]:
+            out = torch.ops.nanoflant5_cpu.full_attention(*args)
+            want = F.scaled_dot_product_attention(*(t.double() for t in plain), scale=1.0)
+            assert out.shape == want.shape and out.dtype == torch.float32
+            err, torch_err = _errors(out, F.scaled_dot_product_attention(*plain, scale=1.0), want)
+            assert err <= 2 * torch_err + 1e-6, (B, T, S, err, torch_err)
+            assert torch.equal(torch.ops.nanoflant5_cpu.full_attention(*args), out)  # the same every call
+    with pytest.raises(RuntimeError, match="relative bias"):
+        torch.ops.nanoflant5_cpu.full_attention(q, k, v, relative[:, 1:], None)
+    with pytest.raises(RuntimeError, match="does not broadcast"):
+        torch.ops.nanoflant5_cpu.full_attention(q, k, v, bias[..., 1:], None)
+    with pytest.raises(RuntimeError, match="shapes or strides"):
+        torch.ops.nanoflant5_cpu.full_attention(q[..., :48], k[..., :48], v[..., :48], bias, None)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.nanoflant5_cpu.full_attention(q.double(), k, v, bias, None)
+
+
+def test_encoder_on_full_attention(tmp_path, monkeypatch):
+    """speed.encode runs the encoder's self-attention on full_attention (heads of 64, counted), with the relative
+    position bias and the padding in their compact forms: within 2x the float32 error of model.encode (SDPA on the
+    (B, H, S, S) bias) against float64, a padded row as that row alone; afterwards the modules are plain again.
+    Heads of another size, and training, keep SDPA."""
+    from nanoflant5 import T5
+
+    make_checkpoint(tmp_path, "gated-gelu-untied", d_kv=64, num_heads=2)
+    model = T5.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    wide = T5.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    ids, mask = random_batch(model.config.vocab_size, [70, 9, 33])
+    calls = []
+    attend = S._attend_full
+    monkeypatch.setattr(S, "_attend_full", lambda *a: calls.append(type(a[-1])) or attend(*a))
+    with torch.inference_mode():
+        fast, plain, want = S.encode(model, ids, mask), model.encode(ids, mask), wide.encode(ids, mask)
+        assert calls == [S.EncoderBias] * len(model.encoder.blocks)
+        err, torch_err = _errors(fast, plain, want)
+        assert err <= 2 * torch_err + 1e-6, (err, torch_err)
+        alone = S.encode(model, ids[1:2, :9], mask[1:2, :9])
+        torch.testing.assert_close(fast[1, :9], alone[0], rtol=1e-5, atol=1e-5)
+    taken = len(calls)
+    assert not any(key in m.__dict__ for m in model.modules() for key in ("attend", "attention_bias"))
+    make_checkpoint(tmp_path / "d32", "gated-gelu-untied", d_kv=32, num_heads=2)
+    with torch.inference_mode():
+        S.encode(T5.from_pretrained(tmp_path / "d32", dtype=torch.float32).eval(), ids, mask)
+    model.train()
+    with torch.inference_mode():
+        S.encode(model, ids, mask)
+    assert len(calls) == taken
 
 
 @pytest.mark.skipif(not kernels.AMX, reason="amx_rows is built for CPUs with AMX (and needs the OS's leave)")
