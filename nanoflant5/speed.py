@@ -590,9 +590,11 @@ def encoder_gemm(dtype) -> str | None:
 
 @contextmanager
 def encoder_linears(model: T5, tokens: int):
-    """Inside the block, the encoder's linear layers run oneDNN's packed GEMM on copies packed on entry, where
-    encoder_gemm measured it faster and the call has ENCODE_PACK_TOKENS tokens or more (packing costs about as much
-    as ~30 tokens' products)."""
+    """Inside the block, the encoder's linear layers run oneDNN's packed GEMM on packed copies, where encoder_gemm
+    measured it faster and the call has ENCODE_PACK_TOKENS tokens or more (packing costs about as much as ~30 tokens'
+    products: 0.2-0.7 ms a weight). The copies stay with the layers for the next call (up to KEEP_BYTES), used only
+    while the weights have the fingerprints they had when packed, as fast_linears' kept copies (checking costs a
+    quarter of packing): the serving engine encodes every batch it admits."""
     linears = [m for block in model.encoder.blocks for m in (block.attn.qkv, block.attn.o, block.ffn.wi, block.ffn.wo)]
     if (tokens < ENCODE_PACK_TOKENS or not PACKING or any(type(m) is not nn.Linear or "forward" in m.__dict__
                                                           or m._forward_hooks or m._forward_pre_hooks for m in linears)
@@ -600,9 +602,10 @@ def encoder_linears(model: T5, tokens: int):
         yield
         return
     packer = PACKERS["onednn"]
+    keep = sum(m.weight.nbytes for m in linears) * 1.4 <= KEEP_BYTES  # (copies: ~1.35x)
     try:
         for m in linears:
-            m.forward = partial(packer.run, packed=packer.pack(m.weight, ENCODE_TOKENS), w=m.weight,
+            m.forward = partial(packer.run, packed=pack(m, "onednn", ENCODE_TOKENS, keep), w=m.weight,
                                 rows=ENCODE_TOKENS)
         yield
     finally:

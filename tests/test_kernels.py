@@ -495,8 +495,9 @@ def test_encode_in_parts_with_fused_layers(checkpoint, monkeypatch):
 def test_encoder_on_onednns_packed_gemm(checkpoint, monkeypatch):
     """Where encoder_gemm picks oneDNN's packed GEMM (as it measures on AMD CPUs), speed.encode runs every encoder
     linear on it (counted) from ENCODE_PACK_TOKENS tokens and gives model.encode's rows to float32 rounding; fewer
-    tokens, or int8 layers, keep F.linear; afterwards the layers are plain again. The measured choice is one of the
-    two and kept for the process."""
+    tokens, or int8 layers, keep F.linear; afterwards the layers are plain again. The packed copies are kept for the
+    next call (not packed again) while the weights are unchanged, and packed afresh for a changed weight. The measured
+    choice is one of the two and kept for the process."""
     from nanoflant5 import T5
 
     assert S.encoder_gemm(torch.float32) in (None, "onednn") and torch.float32 in S._ENCODER_GEMM
@@ -514,14 +515,24 @@ def test_encoder_on_onednns_packed_gemm(checkpoint, monkeypatch):
         monkeypatch.setattr(S, "ENCODE_PACK_TOKENS", ids.numel())
         torch.testing.assert_close(S.encode(model, ids, mask), whole, rtol=1e-5, atol=1e-5)
         assert len(calls) == linears
+        packs = []
+        pack = S.PACKERS["onednn"].pack
+        monkeypatch.setitem(S.PACKERS, "onednn", S.PACKERS["onednn"]._replace(
+            pack=lambda *a: packs.append(1) or pack(*a)))
+        torch.testing.assert_close(S.encode(model, ids, mask), whole, rtol=1e-5, atol=1e-5)  # the kept copies
+        assert len(calls) == 2 * linears and not packs
+        with torch.no_grad():
+            model.encoder.blocks[0].ffn.wi.weight.mul_(2.0)
+        torch.testing.assert_close(S.encode(model, ids, mask), model.encode(ids, mask), rtol=1e-5, atol=1e-5)
+        assert len(calls) == 3 * linears and len(packs) == 1
         monkeypatch.setattr(S, "ENCODE_PACK_TOKENS", ids.numel() + 1)
         S.encode(model, ids, mask)
-        assert len(calls) == linears
+        assert len(calls) == 3 * linears
         assert not any("forward" in m.__dict__ for m in model.modules())
         monkeypatch.setattr(S, "ENCODE_PACK_TOKENS", 1)
         q = T5.from_pretrained(folder, dtype=torch.float32, quantize="int8").eval()
         S.encode(q, ids, mask)
-        assert len(calls) == linears
+        assert len(calls) == 3 * linears
 
 
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512" or not kernels.available(),
