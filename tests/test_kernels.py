@@ -141,7 +141,7 @@ def test_encoder_on_full_attention(tmp_path, monkeypatch):
     """speed.encode runs the encoder's self-attention on full_attention (heads of 64, counted), with the relative
     position bias and the padding in their compact forms: within 2x the float32 error of model.encode (SDPA on the
     (B, H, S, S) bias) against float64, a padded row as that row alone; afterwards the modules are plain again.
-    Heads of another size, and training, keep SDPA."""
+    Heads of another size, training, autograd and autocast keep SDPA."""
     from nanoflant5 import T5
 
     make_checkpoint(tmp_path, "gated-gelu-untied", d_kv=64, num_heads=2)
@@ -165,6 +165,10 @@ def test_encoder_on_full_attention(tmp_path, monkeypatch):
         S.encode(T5.from_pretrained(tmp_path / "d32", dtype=torch.float32).eval(), ids, mask)
     model.train()
     with torch.inference_mode():
+        S.encode(model, ids, mask)
+    model.eval()
+    S.encode(model, ids, mask).sum().backward()  # (autograd: SDPA)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
         S.encode(model, ids, mask)
     assert len(calls) == taken
 
