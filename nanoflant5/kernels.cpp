@@ -105,7 +105,8 @@ inline vfloat load(const c10::BFloat16* p) {
 }
 
 // y[r, n:n+nb] for rows r < R of x (R, K) and weight rows n..n+nb of w (N, K) (float32 or bfloat16, widened)
-template <int R, int nb, typename T>
+// INT_SUM: the lanes' sums are whole numbers below 2^24 (w8a8_float_linear's), added as int32: exactly
+template <int R, int nb, typename T, bool INT_SUM = false>
 inline void block(const float* x, const T* w, float* y, int64_t K, int64_t N, int64_t n) {
   vfloat acc[R][nb] = {};
   const T* wn = w + n * K;
@@ -121,7 +122,16 @@ inline void block(const float* x, const T* w, float* y, int64_t K, int64_t N, in
     }
   }
   for (int r = 0; r < R; r++)
-    for (int b = 0; b < nb; b++) y[r * N + n + b] = lanes_sum(acc[r][b]);
+    for (int b = 0; b < nb; b++) {
+      if constexpr (INT_SUM) {
+        const vint lanes = __builtin_convertvector(acc[r][b], vint);
+        int32_t sum = 0;
+        for (int i = 0; i < L; i++) sum += lanes[i];
+        y[r * N + n + b] = float(sum);
+      } else {
+        y[r * N + n + b] = lanes_sum(acc[r][b]);
+      }
+    }
 }
 
 // Weight rows side by side for R rows of x: NB with AVX-512's 32 registers; with AVX2's 16, as many as keep the R x
@@ -265,6 +275,10 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N
 inline vfloat load_int8(const int8_t* p) {  // 16 int8 -> 16 float32
   return vfloat(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))));
 }
+#elif defined(__AVX2__)  // (GCC's generic conversion of 8 int8 takes them one at a time: int8 mode 2.2x slower)
+inline vfloat load_int8(const int8_t* p) {  // 8 int8 -> 8 float32
+  return vfloat(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+}
 #else
 typedef int8_t vi8 __attribute__((vector_size(L)));
 inline vfloat load_int8(const int8_t* p) {  // L int8 -> L float32
@@ -295,13 +309,13 @@ inline void block_int8(const float* x, const int8_t* w, const float* scale, floa
     for (int b = 0; b < nb; b++) y[r * N + n + b] = lanes_sum(acc[r][b]) * scale[n + b];
 }
 
-// rows m0.. of x, up to 4 of them, times weight rows n..n+nb
-template <int nb>
+// rows m0.. of x, up to 4 of them, times weight rows n..n+nb (INT_SUM: see block)
+template <int nb, bool INT_SUM = false>
 inline void rows_int8(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
                       int64_t n) {
   // Past 4 rows the block's weights are widened once for all the chunks of rows, not again for each (same results);
   // up to 4 they are widened as they stream in (widening into a buffer first: 1.6 -> 2.6 ms a flan-t5-small step)
-  if (M > 4) {
+  if (M > 4 || INT_SUM) {
     thread_local std::vector<float> wide;
     wide.resize(nb * K);
     for (int b = 0; b < nb; b++)
@@ -314,10 +328,10 @@ inline void rows_int8(const float* x, const int8_t* w, const float* scale, float
       float* ym = y + m * N + n;
       const int R = M - m < 4 ? M - m : 4;
       switch (R) {
-        case 1: block<1, nb>(xm, wide.data(), ym, K, N, 0); break;
-        case 2: block<2, nb>(xm, wide.data(), ym, K, N, 0); break;
-        case 3: block<3, nb>(xm, wide.data(), ym, K, N, 0); break;
-        default: block<4, nb>(xm, wide.data(), ym, K, N, 0);
+        case 1: block<1, nb, float, INT_SUM>(xm, wide.data(), ym, K, N, 0); break;
+        case 2: block<2, nb, float, INT_SUM>(xm, wide.data(), ym, K, N, 0); break;
+        case 3: block<3, nb, float, INT_SUM>(xm, wide.data(), ym, K, N, 0); break;
+        default: block<4, nb, float, INT_SUM>(xm, wide.data(), ym, K, N, 0);
       }
       for (int r = 0; r < R; r++)
         for (int b = 0; b < nb; b++) ym[r * N + b] *= scale[n + b];
@@ -1167,6 +1181,8 @@ void digit(const float* src, int8_t* q, float* rest, int64_t K, float s) {
   }
 }
 
+constexpr int64_t FLOAT_SUM_K = 1040 * L;  // 1040 * 127 * 127 < 2^24 (see w8a8_float_linear)
+
 // x (..., K) times int8 w (N, K) with float32 scales (N,), x's rows taken as integers of one or two int8 digits:
 // with s1 = max |x_row| / 127 (1 where that is below MIN_SCALE), q1 = x / s1 rounded to nearest even (one digit:
 // w8a8; a row with a NaN or an infinity gives NaNs); two digits
@@ -1175,7 +1191,7 @@ void digit(const float* src, int8_t* q, float* rest, int64_t K, float s) {
 // of digits, else torch's _int_mm: oneDNN's AMX or VNNI kernels), then y = (float(q1 . w_n) s1 + float(q2 . w_n) s2)
 // scale_n. quantize.w8a8_reference and w8a16_reference do the same arithmetic step by step.
 at::Tensor int8_product(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t digits,
-                        const char* name) {
+                        const char* name, bool float_sums = false) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat &&
               x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu(),
               name, ": float32 x, int8 weight and float32 scale on CPU expected");
@@ -1247,6 +1263,25 @@ at::Tensor int8_product(const at::Tensor& x, const at::Tensor& w, const at::Tens
       }
     });
   };
+  if (float_sums) {  // (w8a8_float_linear) int8_linear's loops on the digits and the weight widened to float32
+    TORCH_CHECK(K % 16 == 0 && K <= FLOAT_SUM_K, name, ": K a multiple of 16, at most ", FLOAT_SUM_K, " expected");
+    const at::Tensor xf = xq.to(at::kFloat);
+    at::Tensor acc = at::empty({D, N}, x.options());
+    const std::vector<float> ones(N, 1.0f);
+    const float* fp = xf.data_ptr<float>();
+    const int8_t* wp = w.data_ptr<int8_t>();
+    float* ap = acc.data_ptr<float>();
+    constexpr int nb = side_by_side<4>();
+    at::parallel_for(0, N / nb, 16, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; b++) rows_int8<nb, true>(fp, wp, ones.data(), ap, D, K, N, b * nb);
+    });
+    for (int64_t n = N / nb * nb; n < N; n++) rows_int8<1, true>(fp, wp, ones.data(), ap, D, K, N, n);
+    at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; m++)
+        for (int64_t n = 0; n < N; n++) yp[m * N + n] = (ap[m * N + n] * sx[m]) * sp[n];
+    });
+    return y;
+  }
 #ifdef INT8_ROWS
   if (D <= 8 && K <= 65536) {  // few rows: the weight streamed once (int8_rows), faster than oneDNN's GEMM there
     at::Tensor acc = at::empty({D, N}, x.options().dtype(at::kInt));
@@ -1268,6 +1303,14 @@ at::Tensor w8a8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   return int8_product(x, w, scale, 1, "w8a8_linear");
 }
 
+// w8a8_linear's result where torch._int_mm is not exact (CPUs without VNNI, past int8_rows' 8 rows): the digits and
+// the weight widened to float32, whose products (|q| <= 127: below 2^14) and each lane's sum over at most FLOAT_SUM_K /
+// L of them (below 2^24) are whole numbers float32 holds exactly; the lanes added as int32. flan-t5-small's w8a8
+// decoding of 32 rows as an AVX2 CPU: w8a8_reference's float64 products 3.4x slower.
+at::Tensor w8a8_float_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
+  return int8_product(x, w, scale, 1, "w8a8_float_linear", true);
+}
+
 at::Tensor w8a16_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
   return int8_product(x, w, scale, 2, "w8a16_linear");
 }
@@ -1285,8 +1328,8 @@ at::Tensor torch_packed(const char* name, torch::jit::Stack stack) {
 // one row). x (B, 1, d); norms: the three layer norms' weights; linears: qkv, o, cross q, cross o, wi, wo, each by
 // kinds[i]: 0 a weight (N, K) for rows_linear, 1 a copy packed for panel_linear with N = outs[i], 2, 3 and 4 int8
 // weights with their scales[i] for int8_linear, w8a8_linear and w8a16_linear (quantize.py), 5 and 6 copies packed
-// for oneDNN's and MKL's GEMMs (MKL's with the weight as scales[i]); cache: the layer's KVCache
-// buffer (max_len, B, 2, H, D), written at pos, or at positions[i] for row i (then attention reads the bias's width
+// for oneDNN's and MKL's GEMMs (MKL's with the weight as scales[i]), 7 as 3 for w8a8_float_linear; cache: the
+// layer's KVCache buffer (max_len, B, 2, H, D), written at pos, or at positions[i] for row i (then attention reads the bias's width
 // of positions); bias (B or 1, H, 1, pos + 1); rows: where each row's history lies (beam search, decode_attention);
 // cross_k, cross_v (B / G, H, S, D) and cross_mask (B / G, 1, 1, S) for G copies of each input. act: the
 // feed-forward's activation ("relu", "gelu", "gelu_new", "silu"), gated or not, or "gated_gelu": gated_gelu's.
@@ -1300,6 +1343,7 @@ at::Tensor linear_of(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
     case 5:  // oneDNN's, on a copy packed by mkldnn._reorder_linear_weight
       return torch_packed("mkldnn::_linear_pointwise", {x, w, c10::IValue(), "none",
                                                         c10::List<std::optional<at::Scalar>>(), ""});
+    case 7: return w8a8_float_linear(x, w, scale);
     default:  // MKL's, on a copy packed by mkl._mkl_reorder_linear_weight for x's rows; scale: the weight itself
       TORCH_CHECK(kind == 6, "decoder_block: unknown kind of linear ", kind);
       return torch_packed("mkl::_mkl_linear", {x, w, scale, c10::IValue(), x.numel() / x.size(-1)});
@@ -1426,6 +1470,7 @@ TORCH_LIBRARY(nanoflant5_cpu, m) {
   m.def("int8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("w8a8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("w8a16_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+  m.def("w8a8_float_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rms_norm_backward(Tensor grad, Tensor x, Tensor weight, float eps, bool weight_grad) -> (Tensor, Tensor)");
   m.def("gated_gelu(Tensor h) -> Tensor");
@@ -1464,6 +1509,7 @@ TORCH_LIBRARY_IMPL(nanoflant5_cpu, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("w8a8_linear", &w8a8_linear);
   m.impl("w8a16_linear", &w8a16_linear);
+  m.impl("w8a8_float_linear", &w8a8_float_linear);
   m.impl("rms_norm", &rms_norm);
   m.impl("rms_norm_backward", &rms_norm_backward);
   m.impl("gated_gelu", &gated_gelu);

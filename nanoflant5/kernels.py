@@ -101,7 +101,7 @@ def _build() -> bool:
         return False
     torch.library.register_fake("nanoflant5_cpu::rows_linear",  # shapes, for torch.compile
                                 lambda x, weight: x.new_empty(*x.shape[:-1], weight.shape[0]))
-    for name in ("int8_linear", "w8a8_linear", "w8a16_linear"):
+    for name in ("int8_linear", "w8a8_linear", "w8a16_linear", "w8a8_float_linear"):
         torch.library.register_fake(f"nanoflant5_cpu::{name}",
                                     lambda x, weight, scale: x.new_empty(*x.shape[:-1], weight.shape[0]))
     torch.library.register_fake("nanoflant5_cpu::full_attention",  # (B, T, H, D) in memory, as (B, H, T, D)

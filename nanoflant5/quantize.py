@@ -20,7 +20,9 @@ attention, the embedding and the residual stream stay float32.
   torch._int_mm, oneDNN's AMX or VNNI kernels; up to 8 rows kernels.int8_rows' loops), then scaled: int8 arithmetic
   at every row count, which pays for batched decoding and the encoder. CTranslate2's "int8" on CPU does the same. A
   row's result depends on that row only, as in float32. Where torch._int_mm does not sum exactly (CPUs without VNNI:
-  oneDNN adds pairs of products in int16), past 8 rows w8a8_reference's float arithmetic.
+  oneDNN adds pairs of products in int16), past 8 rows kernels.w8a8_float_linear: the same sums in float32
+  arithmetic, where they are whole numbers below 2^24 (exact), for inputs up to FLOAT_SUM_K wide; else
+  w8a8_reference's float64.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from . import kernels
 MODES = ("int8", "w8a8")
 FLOAT_ROWS = 4  # rows up to which weight-only int8 multiplies float32 x (measured: w8a16_linear faster from 5 rows)
 KERNEL_ROWS = 64  # and int8_linear's rows where w8a16_linear cannot run (faster than float32's GEMM up to ~32)
+FLOAT_SUM_K = 8320  # the widest input w8a8_float_linear takes (kernels.cpp's FLOAT_SUM_K on AVX2, half AVX-512's)
 
 
 class Int8Linear(nn.Module):
@@ -86,7 +89,9 @@ class W8A8Linear(Int8Linear):
     def kernel(self, rows: int) -> str | None:
         # (up to 8 rows the kernel sums with kernels.int8_rows' loops, exact where they are built: AVX2 CPUs too)
         few = rows in kernels.INT8_ROWS and kernels.INT8 and self.in_features <= 65536
-        return "w8a8_linear" if few or int_mm_exact(self.in_features) else None
+        if few or int_mm_exact(self.in_features):
+            return "w8a8_linear"
+        return "w8a8_float_linear" if self.in_features % 16 == 0 and self.in_features <= FLOAT_SUM_K else None
 
     def without_kernel(self, x):
         return w8a8_reference(x, self.q, self.scale)

@@ -483,7 +483,8 @@ def fast_blocks(model: T5, rows: int, compile: bool = False):
 
 
 _NO_SCALE = torch.empty(0)
-INT8_KINDS = {"int8_linear": 2, "w8a8_linear": 3, "w8a16_linear": 4}  # decoder_block's kinds of int8 layers
+INT8_KINDS = {"int8_linear": 2, "w8a8_linear": 3, "w8a16_linear": 4,  # decoder_block's kinds of int8 layers
+              "w8a8_float_linear": 7}
 PACKED_KINDS = {"panels": 1, "onednn": 5, "mkl": 6}  # and of packed copies (PACKERS)
 
 
@@ -565,47 +566,58 @@ def fused_layers(model: T5):
 
 
 ENCODE_TOKENS = 1024  # see encode
-ENCODE_PACK_TOKENS = 256  # and from how many tokens the encoder's linears may take oneDNN's packed GEMM (encoder_gemm)
-_ENCODER_GEMM: dict = {}  # dtype -> "onednn" or None (F.linear), measured once (encoder_gemm)
+ENCODE_PACK_TOKENS = 256  # and from how many tokens the encoder's linears may take a packed GEMM (encoder_gemm)
+_ENCODER_GEMM: dict = {}  # dtype -> "mkl", "onednn" or None (F.linear), measured once (encoder_gemm)
 
 
 def encoder_gemm(dtype) -> str | None:
-    """Which GEMM the encoder's linears run for encoder-sized inputs of `dtype` (float32): oneDNN's on a packed copy
-    ("onednn") or F.linear (None, MKL's), measured once per process ((1024, 1024) by (1024, 1024), best of 3 after a
-    warm-up) and oneDNN's taken where it is 10% faster. MKL keeps to its AVX2 code on AMD CPUs, where oneDNN's uses
-    AVX-512: with MKL held to AVX2 on this Xeon (kernels.AS_CPU["zen4"]) oneDNN's ran flan-t5's encoder products
-    (1024 tokens) 1.5-1.7x faster, packing each weight 0.2-0.7 ms; with MKL unrestricted the two measure the same."""
+    """Which GEMM the encoder's linears run for encoder-sized inputs of `dtype` (float32): F.linear (None: MKL's
+    sgemm, which packs both operands at every call) or one on a copy of the weight packed ahead (PACKERS' "mkl" or
+    "onednn"), measured once per process ((1024, 1024) by (1024, 1024), the candidates taking turns, best of 3 after a
+    warm-up), the fastest packed one taken where it is 3% faster than F.linear. MKL keeps to its AVX2 code on AMD
+    CPUs, where oneDNN's uses AVX-512: with MKL held to AVX2 on this Xeon (kernels.AS_CPU["zen4"]) oneDNN's ran
+    flan-t5's encoder products (1024 tokens) 1.5-1.7x faster, packing each weight 0.2-0.7 ms. On this Xeon MKL's
+    packed GEMM measured 5-11% faster than F.linear (the same products, bit for bit), oneDNN's the same."""
     if dtype not in _ENCODER_GEMM:
         _ENCODER_GEMM[dtype] = None
-        packer = PACKERS.get("onednn")
-        if packer is not None and dtype in packer.dtypes and packer.ready():
+        packers = {name: PACKERS[name] for name in ("mkl", "onednn")
+                   if name in PACKERS and dtype in PACKERS[name].dtypes and PACKERS[name].ready()}
+        if packers:
             gen = torch.Generator().manual_seed(0)
             x, w = (torch.randn(1024, 1024, generator=gen).to(dtype) for _ in range(2))
-            packed = packer.pack(w, 1024)
-            best = best_times({None: lambda: F.linear(x, w), "onednn": lambda: packer.run(x, packed, w, 1024)}, 3)
-            if best["onednn"] * 1.1 < best[None]:
-                _ENCODER_GEMM[dtype] = "onednn"
+            packed = {name: p.pack(w, 1024) for name, p in packers.items()}
+            best = best_times({None: lambda: F.linear(x, w),
+                               **{name: lambda name=name: packers[name].run(x, packed[name], w, 1024)
+                                  for name in packers}}, 3)
+            fastest = min(packers, key=best.get)
+            if best[fastest] * 1.03 < best[None]:
+                _ENCODER_GEMM[dtype] = fastest
     return _ENCODER_GEMM[dtype]
 
 
 @contextmanager
-def encoder_linears(model: T5, tokens: int):
-    """Inside the block, the encoder's linear layers run oneDNN's packed GEMM on packed copies, where encoder_gemm
-    measured it faster and the call has ENCODE_PACK_TOKENS tokens or more (packing costs about as much as ~30 tokens'
-    products: 0.2-0.7 ms a weight). The copies stay with the layers for the next call (up to KEEP_BYTES), used only
-    while the weights have the fingerprints they had when packed, as fast_linears' kept copies (checking costs a
-    quarter of packing): the serving engine encodes every batch it admits."""
+def encoder_linears(model: T5, tokens: int, part: int):
+    """Inside the block, the encoder's linear layers run the packed GEMM that encoder_gemm measured faster than
+    F.linear, on packed copies, for a call of `tokens` tokens in parts of `part` tokens (speed.encode), from
+    ENCODE_PACK_TOKENS tokens (packing costs about as much as ~30 tokens' products: 0.2-0.7 ms a weight for oneDNN,
+    0.5-4 for MKL). MKL's copy serves one row count only (ENCODE_TOKENS; others run its plain sgemm): it is taken for
+    calls of at least two parts of exactly that many tokens. The copies stay with the layers for the next call (up to
+    KEEP_BYTES), used only while the weights have the fingerprints they had when packed, as fast_linears' kept copies
+    (checking costs a quarter of packing): the serving engine encodes every batch it admits."""
     linears = [m for block in model.encoder.blocks for m in (block.attn.qkv, block.attn.o, block.ffn.wi, block.ffn.wo)]
-    if (tokens < ENCODE_PACK_TOKENS or not PACKING or any(type(m) is not nn.Linear or "forward" in m.__dict__
-                                                          or m._forward_hooks or m._forward_pre_hooks for m in linears)
-            or encoder_gemm(linears[0].weight.dtype) is None):
+    choice = None
+    if (tokens >= ENCODE_PACK_TOKENS and PACKING
+            and not any(type(m) is not nn.Linear or "forward" in m.__dict__ or m._forward_hooks
+                        or m._forward_pre_hooks for m in linears)):
+        choice = encoder_gemm(linears[0].weight.dtype)
+    if choice is None or (choice == "mkl" and (part != ENCODE_TOKENS or tokens < 2 * ENCODE_TOKENS)):
         yield
         return
-    packer = PACKERS["onednn"]
+    packer = PACKERS[choice]
     keep = sum(m.weight.nbytes for m in linears) * 1.4 <= KEEP_BYTES  # (copies: ~1.35x)
     try:
         for m in linears:
-            m.forward = partial(packer.run, packed=pack(m, "onednn", ENCODE_TOKENS, keep), w=m.weight,
+            m.forward = partial(packer.run, packed=pack(m, choice, ENCODE_TOKENS, keep), w=m.weight,
                                 rows=ENCODE_TOKENS)
         yield
     finally:
@@ -669,13 +681,16 @@ def encode(model: T5, input_ids, attention_mask=None):
     in cache: flan-t5-small, 8 x 512 tokens, 832 ms in one part, 759 in parts of 2 rows (788 in parts of 1); w8a8
     504 -> 411 ms. Not for bfloat16 (271 -> 304 ms: oneDNN's bfloat16 GEMMs prefer the whole batch). A row's result
     never depends on the other rows (padding_mask), so the parts give the rows of one call, to rounding. The linears
-    take oneDNN's packed GEMM where encoder_gemm measures it faster than F.linear (encoder_linears)."""
+    take a packed GEMM where encoder_gemm measures one faster than F.linear (encoder_linears), the self-attention
+    kernels.full_attention (encoder_attention)."""
     B, S = input_ids.shape
     rows = max(1, ENCODE_TOKENS // S)
     float32_cpu = (input_ids.device.type == "cpu" and model.shared.weight.dtype == torch.float32
                    and not torch.is_grad_enabled())
-    with fused_layers(model), encoder_linears(model, B * S if float32_cpu else 0), encoder_attention(model):
-        if not float32_cpu or B * S <= 2 * ENCODE_TOKENS:
+    whole = not float32_cpu or B * S <= 2 * ENCODE_TOKENS
+    with (fused_layers(model), encoder_linears(model, B * S if float32_cpu else 0, B * S if whole else rows * S),
+          encoder_attention(model)):
+        if whole:
             return model.encode(input_ids, attention_mask)
         return torch.cat([model.encode(input_ids[i:i + rows], None if attention_mask is None else
                                        attention_mask[i:i + rows]) for i in range(0, B, rows)])

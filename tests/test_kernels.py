@@ -504,7 +504,7 @@ def test_encoder_on_onednns_packed_gemm(checkpoint, monkeypatch):
     choice is one of the two and kept for the process."""
     from nanoflant5 import T5
 
-    assert S.encoder_gemm(torch.float32) in (None, "onednn") and torch.float32 in S._ENCODER_GEMM
+    assert S.encoder_gemm(torch.float32) in (None, "mkl", "onednn") and torch.float32 in S._ENCODER_GEMM
     folder, _ = checkpoint("gated-gelu-untied")
     model = T5.from_pretrained(folder, dtype=torch.float32).eval()
     ids, mask = random_batch(model.config.vocab_size, [9, 4, 7, 2, 9])
@@ -537,6 +537,36 @@ def test_encoder_on_onednns_packed_gemm(checkpoint, monkeypatch):
         q = T5.from_pretrained(folder, dtype=torch.float32, quantize="int8").eval()
         S.encode(q, ids, mask)
         assert len(calls) == 3 * linears
+
+
+@pytest.mark.skipif("mkl" not in S.PACKERS, reason="torch built without MKL")
+def test_encoder_on_mkls_packed_gemm(checkpoint, monkeypatch):
+    """Where encoder_gemm picks MKL's packed GEMM (packed for ENCODE_TOKENS rows), speed.encode runs every encoder
+    linear on it (counted) for calls of two or more parts of exactly ENCODE_TOKENS tokens, giving model.encode's rows
+    to float32 rounding, the copies kept for the next call; not for parts of another size or a single part."""
+    from nanoflant5 import T5
+
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = T5.from_pretrained(folder, dtype=torch.float32).eval()
+    monkeypatch.setattr(S, "_ENCODER_GEMM", {torch.float32: "mkl"})
+    monkeypatch.setattr(S, "ENCODE_TOKENS", 16)
+    monkeypatch.setattr(S, "ENCODE_PACK_TOKENS", 1)
+    calls, packs = [], []
+    mkl = S.PACKERS["mkl"]
+    monkeypatch.setitem(S.PACKERS, "mkl", mkl._replace(run=lambda *a, **k: calls.append(1) or mkl.run(*a, **k),
+                                                       pack=lambda *a: packs.append(a[1]) or mkl.pack(*a)))
+    linears = 4 * len(model.encoder.blocks)
+    with torch.inference_mode():
+        ids, mask = random_batch(model.config.vocab_size, [8, 5, 8, 3, 8], seed=1)  # parts of 2, 2 and 1 rows of 8
+        torch.testing.assert_close(S.encode(model, ids, mask), model.encode(ids, mask), rtol=1e-5, atol=1e-5)
+        assert len(calls) == 3 * linears and packs == [16] * linears
+        S.encode(model, ids, mask)
+        assert len(calls) == 6 * linears and len(packs) == linears  # (the kept copies)
+        for lengths in ([6] * 7, [8] * 4):  # parts of 12 tokens; one part of 32 tokens
+            ids, mask = random_batch(model.config.vocab_size, lengths, seed=2)
+            torch.testing.assert_close(S.encode(model, ids, mask), model.encode(ids, mask), rtol=1e-5, atol=1e-5)
+        assert len(calls) == 6 * linears
+    assert not any("forward" in m.__dict__ for m in model.modules())
 
 
 @pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512" or not kernels.available(),

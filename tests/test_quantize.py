@@ -106,6 +106,33 @@ def test_w8a8_and_w8a16_linear_are_their_references(rows, digits):
         assert error.max() < (w8a8_reference(x, layer.q, layer.scale).double() - exact).abs().max() / 20
 
 
+@pytest.mark.skipif(not kernels.available(), reason="no C++ kernel")
+@pytest.mark.parametrize("rows", [1, 5, 9, 33])
+def test_w8a8_float_linear_is_its_reference(rows):
+    """w8a8_float_linear (w8a8 where torch._int_mm is not exact) = w8a8_reference bit for bit: the products of the
+    int8 digits summed in float32 are whole numbers below 2^24 a lane, added as int32, exact even where the row's sum
+    passes 2^24 (every digit and weight at +-127, K = 2048 and 8320: float32 would round it); zero, tiny, NaN and
+    infinite rows as w8a8_linear's; 3-D strided inputs. Widths that are not a multiple of 16 or past FLOAT_SUM_K's
+    bound are refused."""
+    gen = torch.Generator().manual_seed(rows)
+    kernel = torch.ops.nanoflant5_cpu.w8a8_float_linear
+    for K, N in [(64, 1), (48, 37), (2048, 70), (quantize.FLOAT_SUM_K, 9)]:
+        q = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=gen)
+        q[0] = 127
+        s = torch.rand(N, generator=gen) / 100
+        x = torch.randn(rows, 1, 2 * K, generator=gen)[..., ::2]  # (rows, 1, K), not contiguous
+        x[0, 0], x[0, 0, 1] = 1.0, 126 / 127  # digits 127 but one 126: with q[0], an odd sum past 2^24
+        if rows >= 5:
+            x[1], x[2], x[3, 0, 3], x[4, 0, K - 1] = 0, 1e-36, float("nan"), float("inf")
+        y = kernel(x, q, s)
+        torch.testing.assert_close(y, w8a8_reference(x, q, s), rtol=0, atol=0, equal_nan=True, msg=str((K, N)))
+        assert y.shape == (rows, 1, N) and y[5:].isfinite().all()
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        kernel(torch.randn(2, 40), torch.zeros(3, 40, dtype=torch.int8), torch.ones(3))
+    with pytest.raises(RuntimeError, match="at most"):
+        kernel(torch.randn(9, 16656), torch.zeros(1, 16656, dtype=torch.int8), torch.ones(1))
+
+
 def test_w8a8_model_decodes_its_reference_whatever_the_batch(checkpoint, monkeypatch):
     """quantize="w8a8" replaces every linear layer (not the embedding); its logits, greedy and beam rows equal those
     of the same model computing each layer by w8a8_reference, and a row decodes the same alone as in a padded
