@@ -107,13 +107,13 @@ def test_w8a8_and_w8a16_linear_are_their_references(rows, digits):
 
 
 @pytest.mark.skipif(not kernels.available(), reason="no C++ kernel")
-@pytest.mark.parametrize("rows", [1, 5, 9, 33])
+@pytest.mark.parametrize("rows", [1, 5, 9, 33, 70])
 def test_w8a8_float_linear_is_its_reference(rows):
     """w8a8_float_linear (w8a8 where torch._int_mm is not exact) = w8a8_reference bit for bit: the products of the
     int8 digits summed in float32 are whole numbers below 2^24 a lane, added as int32, exact even where the row's sum
     passes 2^24 (every digit and weight at +-127, K = 2048 and 8320: float32 would round it); zero, tiny, NaN and
-    infinite rows as w8a8_linear's; 3-D strided inputs. Widths that are not a multiple of 16 or past FLOAT_SUM_K's
-    bound are refused."""
+    infinite rows as w8a8_linear's; 3-D strided inputs; past 64 rows through torch's float32 GEMM, 1024 columns at a
+    time. Widths that are not a multiple of 16 or past FLOAT_SUM_K's bound are refused."""
     gen = torch.Generator().manual_seed(rows)
     kernel = torch.ops.nanoflant5_cpu.w8a8_float_linear
     for K, N in [(64, 1), (48, 37), (2048, 70), (quantize.FLOAT_SUM_K, 9)]:
