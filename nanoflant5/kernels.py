@@ -48,6 +48,9 @@ int8_rows is the same loop for greedy decoding's int8 screen of the output layer
 int8 summed exactly in int32, with AVX-512 VNNI (flan-t5-small's 16 MB screen right after the decoder's weights:
 ~0.55 ms against torch._int_mm's ~0.74 at 1 row, ~0.57 against ~1.0 at 4), or AVX2's vpmaddwd where the CPU has no
 VNNI (there oneDNN's int8 GEMM is not exact, so the screen takes 1-8 rows only).
+w8a8_float_linear is w8a8 where torch._int_mm is not exact (CPUs without VNNI), past int8_rows' 8 rows: the int8
+products and their sums in float32, where they are whole numbers below 2^24, so exact (int8_linear's loops; past 64
+rows torch's float32 GEMM over 1024 columns at a time).
 amx_rows does the same on Intel's AMX tiles (built where the CPU has AMX, used where Linux grants this process the
 tiles), the weight packed ahead in the tiles' layout (amx_pack): the 16 MB screen read from memory takes 0.40-0.60 ms at
 1 row (int8_rows the same), 0.39-0.43 at 8 (0.89-0.93), 0.61-0.70 at 32 (torch._int_mm, whose oneDNN GEMM packs the weight at every
