@@ -556,6 +556,20 @@ inline float row_max(const float* row, int64_t n) {
   return mx;
 }
 
+// A row's n floats r replaced by e^(r - mx) (softmax's numerators); returns their sum.
+inline float exp_row(float* r, int64_t n, float mx) {
+  vfloat acc = {};
+  int64_t s = 0;
+  for (; s + L <= n; s += L) {
+    const vfloat e = vexp(load(r + s) - mx);
+    std::memcpy(r + s, &e, sizeof e);
+    acc += e;
+  }
+  float sum = lanes_sum(acc);
+  for (; s < n; s++) sum += (r[s] = std::exp(r[s] - mx));
+  return sum;
+}
+
 void check_token_losses(const at::Tensor& logits, const at::Tensor& labels) {
   TORCH_CHECK(logits.scalar_type() == at::kFloat && logits.device().is_cpu() && logits.dim() == 2 &&
               logits.is_contiguous() && labels.scalar_type() == at::kLong && labels.dim() == 1 &&
@@ -675,16 +689,7 @@ void attend_rows(const float* qp, const float* kp, const float* vp, const float*
       for (int64_t jm = 0; jm < nh * M; jm++) {  // softmax's numerators and 1 / their sum
         float* r = p.data() + jm * S;
         const float mx = row_max(r, S);
-        vfloat acc = {};
-        int64_t s = 0;
-        for (; s + L <= S; s += L) {
-          const vfloat e = vexp(load(r + s) - mx);
-          std::memcpy(r + s, &e, sizeof e);
-          acc += e;
-        }
-        float sum = lanes_sum(acc);
-        for (; s < S; s++) sum += (r[s] = std::exp(r[s] - mx));
-        inv[jm] = 1.0f / sum;
+        inv[jm] = 1.0f / exp_row(r, S, mx);
       }
       std::fill(out.begin(), out.begin() + nh * M * C, vfloat{});
       for (int64_t s = 0; s < S; s++) {  // the values, the same way
@@ -857,15 +862,7 @@ at::Tensor full_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
           float mx = -INFINITY;
           for (int i = 0; i < L; i++) mx = std::max(mx, vmax[i]);
           for (; s < S; s++) mx = std::max(mx, r[s] += bt[s] + (mb ? mb[s] : 0.0f));
-          vfloat acc = {};
-          for (s = 0; s + L <= S; s += L) {
-            const vfloat e = vexp(load(r + s) - mx);
-            std::memcpy(r + s, &e, sizeof e);
-            acc += e;
-          }
-          float sum = lanes_sum(acc);
-          for (; s < S; s++) sum += (r[s] = std::exp(r[s] - mx));
-          inv[t] = 1.0f / sum;
+          inv[t] = 1.0f / exp_row(r, S, mx);
         }
         for (int64_t p = 0; p < value_panels; p++)  // 64 values' D columns at a time (16 KB) in L1 for every query
           for (int64_t k0 = 0; k0 < S; k0 += KC)
