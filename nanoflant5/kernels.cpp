@@ -356,6 +356,16 @@ inline void rows_int8(const float* x, const int8_t* w, const float* scale, float
   }
 }
 
+// y (M, N) = x (M, K) times int8 w (N, K), times scale: rows_int8 over blocks of INT8_NB weight rows
+template <bool INT_SUM = false>
+void int8_products(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N) {
+  constexpr int nb = INT8_NB;
+  at::parallel_for(0, N / nb, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; b++) rows_int8<nb, INT_SUM>(x, w, scale, y, M, K, N, b * nb);
+  });
+  for (int64_t n = N / nb * nb; n < N; n++) rows_int8<1, INT_SUM>(x, w, scale, y, M, K, N, n);
+}
+
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat &&
               x.device().is_cpu() && w.device().is_cpu() && scale.device().is_cpu(),
@@ -370,12 +380,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t M = x2.size(0);
-  constexpr int nb = INT8_NB;
-  at::parallel_for(0, N / nb, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; b++) rows_int8<nb>(xp, wp, sp, yp, M, K, N, b * nb);
-  });
-  for (int64_t n = N / nb * nb; n < N; n++) rows_int8<1>(xp, wp, sp, yp, M, K, N, n);
+  int8_products(xp, wp, sp, yp, x2.size(0), K, N);
   return y;
 }
 
@@ -715,6 +720,16 @@ void attend_rows(const float* qp, const float* kp, const float* vp, const float*
   });
 }
 
+// The strides of an attention bias (B or 1, H or 1, M or 1, S) for b, h and the query into bs[0..2] (0 where it is
+// broadcast), checking its shape and that its last dimension is contiguous (the kernels read a query's S in a row).
+void bias_strides(const at::Tensor& bias, const int64_t (&want)[4], int64_t* bs, const char* name) {
+  for (int d = 0; d < 4; d++)
+    TORCH_CHECK(bias.size(d) == want[d] || bias.size(d) == 1, name, ": bias does not broadcast");
+  for (int d = 0; d < 3; d++) bs[d] = bias.size(d) == 1 ? 0 : bias.stride(d);
+  TORCH_CHECK(want[3] == 1 || (bias.size(3) == want[3] && bias.stride(3) == 1), name,
+              ": the bias's last dimension must be contiguous");
+}
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& bias,
                             const std::optional<at::Tensor>& rows) {
   const bool floats = q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat &&
@@ -726,13 +741,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   TORCH_CHECK(k.size(1) == H && k.size(3) == D && v.sizes() == k.sizes() && D % 16 == 0 && D <= 128 && S > 0 &&
               q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1,
               "decode_attention: shapes or strides not taken");
-  const int64_t want[4] = {B, H, M, S};
-  int64_t bs[4];
-  for (int d = 0; d < 4; d++) {
-    TORCH_CHECK(bias.size(d) == want[d] || bias.size(d) == 1, "decode_attention: bias does not broadcast");
-    bs[d] = bias.size(d) == 1 ? 0 : bias.stride(d);
-  }
-  TORCH_CHECK(bs[3] == 1 || S == 1, "decode_attention: the bias's last dimension must be contiguous");
+  int64_t bs[3];
+  bias_strides(bias, {B, H, M, S}, bs, "decode_attention");
   int64_t rs[2] = {0, 0};
   const int64_t* rp = nullptr;
   if (rows.has_value()) {
@@ -803,11 +813,7 @@ at::Tensor full_attention(const at::Tensor& q, const at::Tensor& k, const at::Te
                 "full_attention: a relative bias (H, T + S - 1) expected");
     bs[1] = bias.stride(0);
   } else {
-    const int64_t want[4] = {B, H, T, S};
-    for (int d = 0; d < 4; d++)
-      TORCH_CHECK(bias.size(d) == want[d] || bias.size(d) == 1, "full_attention: bias does not broadcast");
-    for (int d = 0; d < 3; d++) bs[d] = bias.size(d) == 1 ? 0 : bias.stride(d);
-    TORCH_CHECK(bias.stride(3) == 1 || S == 1, "full_attention: the bias's last dimension must be contiguous");
+    bias_strides(bias, {B, H, T, S}, bs, "full_attention");
   }
   const float* mp = nullptr;
   int64_t ms = 0;
@@ -1281,14 +1287,7 @@ at::Tensor int8_product(const at::Tensor& x, const at::Tensor& w, const at::Tens
     } else {  // int8_linear's loops
       acc = at::empty({D, N}, x.options());
       const std::vector<float> ones(N, 1.0f);
-      const float* fp = xf.data_ptr<float>();
-      const int8_t* wp = w.data_ptr<int8_t>();
-      float* ap = acc.data_ptr<float>();
-      constexpr int nb = INT8_NB;
-      at::parallel_for(0, N / nb, 16, [&](int64_t b0, int64_t b1) {
-        for (int64_t b = b0; b < b1; b++) rows_int8<nb, true>(fp, wp, ones.data(), ap, D, K, N, b * nb);
-      });
-      for (int64_t n = N / nb * nb; n < N; n++) rows_int8<1, true>(fp, wp, ones.data(), ap, D, K, N, n);
+      int8_products<true>(xf.data_ptr<float>(), w.data_ptr<int8_t>(), ones.data(), acc.data_ptr<float>(), D, K, N);
     }
     const float* ap = acc.data_ptr<float>();
     at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
@@ -1344,8 +1343,9 @@ at::Tensor torch_packed(const char* name, torch::jit::Stack stack) {
 // kinds[i]: 0 a weight (N, K) for rows_linear, 1 a copy packed for panel_linear with N = outs[i], 2, 3 and 4 int8
 // weights with their scales[i] for int8_linear, w8a8_linear and w8a16_linear (quantize.py), 5 and 6 copies packed
 // for oneDNN's and MKL's GEMMs (MKL's with the weight as scales[i]), 7 as 3 for w8a8_float_linear; cache: the
-// layer's KVCache buffer (max_len, B, 2, H, D), written at pos, or at positions[i] for row i (then attention reads the bias's width
-// of positions); bias (B or 1, H, 1, pos + 1); rows: where each row's history lies (beam search, decode_attention);
+// layer's KVCache buffer (max_len, B, 2, H, D), written at pos, or at positions[i] for row i (then attention reads
+// the bias's width of positions); bias (B or 1, H, 1, pos + 1); rows: where each row's history lies (beam search,
+// decode_attention);
 // cross_k, cross_v (B / G, H, S, D) and cross_mask (B / G, 1, 1, S) for G copies of each input. act: the
 // feed-forward's activation ("relu", "gelu", "gelu_new", "silu"), gated or not, or "gated_gelu": gated_gelu's.
 at::Tensor linear_of(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int64_t kind, int64_t N) {

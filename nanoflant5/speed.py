@@ -636,9 +636,9 @@ class EncoderBias(NamedTuple):
 @contextmanager
 def encoder_attention(model: T5):
     """Inside the block, the encoder's self-attention runs kernels.full_attention (float32 on CPU, inference: eval
-    mode, no autograd, no autocast; heads of a multiple of 64), given the bias as an EncoderBias instead of the (B, H, S, S) tensor that SDPA reads from
-    memory at every layer (see kernels.py). Encoders of 8 x 512 tokens: flan-t5-small 689 -> 638 ms, flan-t5-base
-    2783 -> 2678; of 64 tokens the same as SDPA (+-2%)."""
+    mode, no autograd, no autocast; heads of a multiple of 64), given the bias as an EncoderBias instead of the
+    (B, H, S, S) tensor that SDPA reads from memory at every layer (see kernels.py). Encoders of 8 x 512 tokens:
+    flan-t5-small 689 -> 638 ms, flan-t5-base 2783 -> 2678; of 64 tokens the same as SDPA (+-2%)."""
     encoder = model.encoder
     attns = [block.attn for block in encoder.blocks]
     if (not KERNELS or encoder.training or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")

@@ -131,6 +131,8 @@ def test_full_attention_is_attention(D):
         torch.ops.nanoflant5_cpu.full_attention(q, k, v, relative[:, 1:], None)
     with pytest.raises(RuntimeError, match="does not broadcast"):
         torch.ops.nanoflant5_cpu.full_attention(q, k, v, bias[..., 1:], None)
+    with pytest.raises(RuntimeError, match="last dimension must be contiguous"):  # (one key's bias for all S keys)
+        torch.ops.nanoflant5_cpu.full_attention(q, k, v, bias[..., :1], None)
     with pytest.raises(RuntimeError, match="shapes or strides"):
         torch.ops.nanoflant5_cpu.full_attention(q[..., :48], k[..., :48], v[..., :48], bias, None)
     with pytest.raises(RuntimeError, match="float32"):
