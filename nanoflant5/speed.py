@@ -389,10 +389,11 @@ def fast_layers(model: T5, compile: bool = False):
 
 @contextmanager
 def fast_attention(model: T5, compile: bool = False):
-    """Inside the block, the decoder's self- and cross-attention run kernels.decode_attention: eager float32 on CPU
-    (a compiled step fuses attention itself). torch's SDPA spends most of a decoding step's call (one query a row)
-    on per-(row, head) set-up: flan-t5-base, 32 rows, 64 keys, 12 heads: 591 against 382 us (both memory-bound
-    there), flan-t5-small 8 rows 52 against 29 us; and beam search's gather of each row's history is no copy."""
+    """Inside the block, the decoder's self- and cross-attention run kernels.decode_attention: eager float32 or
+    bfloat16 on CPU (a compiled step fuses attention itself). torch's SDPA spends most of a decoding step's call (one
+    query a row) on per-(row, head) set-up: flan-t5-base, 32 rows, 64 keys, 12 heads: 591 against 382 us (both
+    memory-bound there), flan-t5-small 8 rows 52 against 29 us; in bfloat16 ~2 ms a call on AMD EPYC (Zen 4); and
+    beam search's gather of each row's history is no copy."""
     if compile or not KERNELS or model.shared.weight.device.type != "cpu" or not kernels.available():
         yield
         return
@@ -416,13 +417,13 @@ def _kernel_shapes(head_size: int, queries: int) -> bool:
 
 def _kernel_takes(q, k) -> bool:
     """Whether kernels.decode_attention takes these queries (B, H, M, D) and keys (its checks, and a few queries)."""
-    return (q.dtype == k.dtype == torch.float32 and q.device.type == "cpu" and _kernel_shapes(q.shape[3], q.shape[2])
-            and q.stride(3) == 1 and k.stride(3) == 1)
+    return (q.dtype == k.dtype and q.dtype in (torch.float32, torch.bfloat16) and q.device.type == "cpu"
+            and _kernel_shapes(q.shape[3], q.shape[2]) and q.stride(3) == 1 and k.stride(3) == 1)
 
 
 def _attend_cache(attn, q, kv, bias, index=None):
     k, v = kv.permute(2, 1, 3, 0, 4)  # 2 x (B, H, S, D), strided views
-    if attn.training or bias is None or bias.dtype != torch.float32 or not _kernel_takes(q, k):
+    if attn.training or bias is None or bias.dtype != q.dtype or not _kernel_takes(q, k):
         return type(attn).attend_cache(attn, q, kv, bias, index)
     # KVCache.index holds flat (position, row) slots: position s's are s * rows + the row
     rows = None if index is None else index.remainder(kv.shape[1])
@@ -430,7 +431,7 @@ def _attend_cache(attn, q, kv, bias, index=None):
 
 
 def _attend(cross, q, k, v, mask):
-    if cross.training or mask is None or mask.dtype != torch.float32 or not _kernel_takes(q, k):
+    if cross.training or mask is None or mask.dtype != q.dtype or not _kernel_takes(q, k):
         return type(cross).attend(cross, q, k, v, mask)
     return torch.ops.nanoflant5_cpu.decode_attention(q, k, v, mask, None)
 
