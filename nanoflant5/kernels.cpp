@@ -1,6 +1,7 @@
 // CPU kernels for decoding a few rows at a time, each reading the weight once, in order, with software prefetch:
 // - rows_linear(x (..., K), w (N, K)) = x @ w.T for float32 (or bfloat16) x and w of 1-4 rows;
 // - panel_linear(x (..., K), packed w, N) = x @ w.T for float32 x of 5-64 rows, w packed in panels of 64 columns;
+//   bf16_panel_linear the same for bfloat16 x and w on AVX512-BF16 (vdpbf16ps), w packed in pairs of k;
 // - decode_attention(q, k, v, bias, rows): attention of a decoding step's few queries a row;
 // - full_attention(q, k, v, bias, key_mask): attention of whole sequences (the encoder's), T5's bias in a compact form;
 // - decoder_block(x, ...): a T5 decoder block's decoding step in one call, on the kernels above (or torch's packed
@@ -274,6 +275,85 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N
   });
   return y;
 }
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define BF16_PANELS 1
+// bf16_panel_linear: panel_linear for the bfloat16 mode, x (..., K) and w bfloat16, on AVX512-BF16's vdpbf16ps (AMD
+// Zen 4, Intel Cooper Lake and Sapphire Rapids on): w packed ahead (speed.pack_bf16_panels) as (ceil(N / 64),
+// ceil(K / 2), 64, 2), a panel's 64 columns' weights a pair of k's at a time, so that one vector holds 16 columns'
+// pairs; each pair of x[r] broadcast, vdpbf16ps adds x[r, 2k] w[n, 2k] + x[r, 2k + 1] w[n, 2k + 1] into float32 sums
+// (products exact; bfloat16 inputs flushed to zero below float32's normal range, as the instruction does). The sums
+// are rounded to bfloat16 once, as oneDNN's bfloat16 GEMM (which choose_packer measures it against) does. Blocks of 6
+// rows x 64 columns, k in chunks with the weights fetched ahead into L2, as panel_linear.
+template <int R>
+inline void bf16_block(const c10::BFloat16* x, int64_t K, const c10::BFloat16* w, float* acc_buf, int64_t k0,
+                       int64_t k1, int64_t fetch_k, int64_t fetch_step) {
+  __m512 acc[R][4];
+  for (int r = 0; r < R; r++)
+    for (int j = 0; j < 4; j++) acc[r][j] = k0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_buf + r * PANEL + j * 16);
+  for (int64_t k = k0; k < k1; k++) {  // k: a pair of x's k's
+    __m512i wv[4];
+    for (int j = 0; j < 4; j++) wv[j] = _mm512_loadu_si512(w + k * 2 * PANEL + j * 32);
+    if (k == fetch_k) {
+      for (int j = 0; j < 4; j++) __builtin_prefetch(w + (k + AHEAD_K) * 2 * PANEL + j * 32, 0, 2);
+      fetch_k += fetch_step;
+    }
+    for (int r = 0; r < R; r++) {
+      int32_t pair = 0;
+      if (2 * k + 1 < K) std::memcpy(&pair, x + r * K + 2 * k, 4);
+      else std::memcpy(&pair, x + r * K + 2 * k, 2);  // an odd K's last k, paired with 0
+      const __m512i xr = _mm512_set1_epi32(pair);
+      for (int j = 0; j < 4; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], (__m512bh)xr, (__m512bh)wv[j]);
+    }
+  }
+  for (int r = 0; r < R; r++)
+    for (int j = 0; j < 4; j++) _mm512_storeu_ps(acc_buf + r * PANEL + j * 16, acc[r][j]);
+}
+
+at::Tensor bf16_panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && packed.scalar_type() == at::kBFloat16 && x.device().is_cpu() &&
+              packed.device().is_cpu(), "bf16_panel_linear: bfloat16 CPU tensors expected");
+  const int64_t K = x.size(-1), K2 = packed.size(1), panels = packed.size(0);
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == PANEL && packed.size(3) == 2 && packed.is_contiguous() &&
+              K2 == (K + 1) / 2 && N > 0 && (N + PANEL - 1) / PANEL == panels,
+              "bf16_panel_linear: x (..., K) and a weight packed by pack_bf16_panels expected");
+  at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  at::Tensor y = linear_output(x, N);
+  const int64_t M = x2.size(0);
+  if (M == 0) return y;
+  const c10::BFloat16* xp = x2.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* wp = packed.data_ptr<c10::BFloat16>();
+  c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
+  const int64_t blocks = (M + 5) / 6, size = M / blocks, larger = M % blocks;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> acc(M * PANEL);
+    for (int64_t p = p0; p < p1; p++) {
+      const c10::BFloat16* w = wp + p * K2 * 2 * PANEL;
+      for (int64_t k0 = 0; k0 < K2; k0 += KC / 2) {
+        const int64_t k1 = std::min(K2, k0 + KC / 2);
+        for (int64_t b = 0, r0 = 0; b < blocks; b++) {
+          const int64_t r = size + (b < larger);
+          const c10::BFloat16* xr = xp + r0 * K;
+          float* ar = acc.data() + r0 * PANEL;
+          switch (r) {
+            case 1: bf16_block<1>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
+            case 2: bf16_block<2>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
+            case 3: bf16_block<3>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
+            case 4: bf16_block<4>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
+            case 5: bf16_block<5>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
+            default: bf16_block<6>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
+          }
+          r0 += r;
+        }
+      }
+      const int64_t n0 = p * PANEL, cols = std::min(PANEL, N - n0);
+      for (int64_t m = 0; m < M; m++)
+        for (int64_t c = 0; c < cols; c++) yp[m * N + n0 + c] = c10::BFloat16(acc[m * PANEL + c]);  // (to nearest even)
+    }
+  });
+  return y;
+}
+#endif
 
 #ifdef __AVX512F__
 inline vfloat load_int8(const int8_t* p) {  // 16 int8 -> 16 float32
@@ -1514,6 +1594,9 @@ TORCH_LIBRARY(nanoflant5_cpu, m) {
 #ifdef INT8_ROWS
   m.def("int8_rows(Tensor x, Tensor weight) -> Tensor");
 #endif
+#ifdef BF16_PANELS
+  m.def("bf16_panel_linear(Tensor x, Tensor packed, int N) -> Tensor");
+#endif
 #ifdef AMX_ROWS
   m.def("amx_pack(Tensor weight) -> Tensor");
   m.def("amx_ready() -> bool");
@@ -1544,6 +1627,9 @@ TORCH_LIBRARY_IMPL(nanoflant5_cpu, CPU, m) {
   m.impl("seeded_dropout", &seeded_dropout);
   m.impl("decode_attention", &decode_attention);
   m.impl("full_attention", &full_attention);
+#ifdef BF16_PANELS
+  m.impl("bf16_panel_linear", &bf16_panel_linear);
+#endif
   m.impl("decoder_block", &decoder_block);
   m.impl("screen_bounds", &screen_bounds);
   m.impl("token_losses_backward", &token_losses_backward);

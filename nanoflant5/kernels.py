@@ -72,16 +72,18 @@ ROWS = range(1, 5)  # the row counts rows_linear takes
 INT8_ROWS = range(1, 9)  # and int8_rows
 INT8 = False  # whether int8_rows is loaded (built for a CPU with AVX-512 VNNI or AVX2): set by available()
 AMX = False  # whether amx_rows is loaded (built for a CPU with AMX) and the OS lets this process use AMX: likewise
+BF16_PANELS = False  # whether bf16_panel_linear is loaded (built for a CPU with AVX512-BF16): likewise
 _BUILT: dict[str, bool] = {}
 
 
 def available() -> bool:
     """Whether the kernels are loaded: built on the first call (~10 s; cached by torch in ~/.cache/torch_extensions),
     after which torch.ops.nanoflant5_cpu.rows_linear exists (and int8_rows, where INT8)."""
-    global INT8, AMX
+    global INT8, AMX, BF16_PANELS
     if "ok" not in _BUILT:
         _BUILT["ok"] = _build()
         INT8 = _BUILT["ok"] and hasattr(torch.ops.nanoflant5_cpu, "int8_rows")
+        BF16_PANELS = _BUILT["ok"] and hasattr(torch.ops.nanoflant5_cpu, "bf16_panel_linear")
         AMX = _BUILT["ok"] and hasattr(torch.ops.nanoflant5_cpu, "amx_rows") and torch.ops.nanoflant5_cpu.amx_ready()
     return _BUILT["ok"]
 
@@ -130,6 +132,9 @@ def _build() -> bool:
     if hasattr(torch.ops.nanoflant5_cpu, "amx_rows"):
         torch.library.register_fake("nanoflant5_cpu::amx_rows",
                                     lambda x, packed, N: x.new_empty(x.shape[0], N, dtype=torch.int32))
+    if hasattr(torch.ops.nanoflant5_cpu, "bf16_panel_linear"):
+        torch.library.register_fake("nanoflant5_cpu::bf16_panel_linear",
+                                    lambda x, packed, N: x.new_empty(*x.shape[:-1], N))
     return True
 
 

@@ -234,9 +234,20 @@ def pack_panels(w, rows: int = 0):
     return w.reshape(panels, 64, K).transpose(1, 2).contiguous()
 
 
+def pack_bf16_panels(w, rows: int = 0):
+    """w (N, K) bfloat16 as kernels.bf16_panel_linear reads it: (ceil(N / 64), ceil(K / 2), 64, 2), each panel's 64
+    output columns' weights a pair of k's at a time, zeros past N and K."""
+    N, K = w.shape
+    w = F.pad(w, (0, K % 2, 0, -N % 64))
+    return w.reshape(-1, 64, (K + 1) // 2, 2).transpose(1, 2).contiguous()
+
+
 # Which packed GEMM is fastest depends on the CPU and the rows (on AMD EPYC (Zen 4) MKL takes slow paths and oneDNN's
-# measured ~3x faster than it (issue 20); bfloat16 only oneDNN, on AMX where the CPU has it), so it is measured on the
-# CPU at hand on first use (choose_packer). "panels" is nanoflant5's own (kernels.panel_linear, float32).
+# measured ~3x faster than it (issue 20); bfloat16 oneDNN's, on AMX where the CPU has it, or nanoflant5's on
+# AVX512-BF16), so it is measured on the CPU at hand on first use (choose_packer). "panels" is nanoflant5's own
+# (kernels.panel_linear, float32), "bf16_panels" its bfloat16 one (kernels.bf16_panel_linear: on an AMD EPYC (Zen 4),
+# flan-t5-base's decoder linears at 8 rows 7.3-7.6 ms against oneDNN's 10.2-11.6, at 32 rows 19.9-20.6 against
+# 20.3-21.5).
 PACKERS: dict[str, Packer] = {}
 if torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"):
     PACKERS["mkl"] = Packer(lambda w, rows: torch.ops.mkl._mkl_reorder_linear_weight(w, rows),
@@ -249,6 +260,8 @@ if torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_p
                                (torch.float32,) + (torch.bfloat16,) * torch.ops.mkldnn._is_mkldnn_bf16_supported())
 PACKERS["panels"] = Packer(pack_panels, lambda x, packed, w, rows: torch.ops.nanoflant5_cpu.panel_linear(
     x, packed, w.shape[0]), (torch.float32,), lambda: KERNELS and kernels.available())
+PACKERS["bf16_panels"] = Packer(pack_bf16_panels, lambda x, packed, w, rows: torch.ops.nanoflant5_cpu.bf16_panel_linear(
+    x, packed, w.shape[0]), (torch.bfloat16,), lambda: KERNELS and kernels.available() and kernels.BF16_PANELS)
 PACKING = True  # tests switch packing off to compare with plain F.linear
 last_path = ""  # what the last fast_linears block ran the linears on (the bench prints it)
 PACKER = None  # None: the measured choice; a name of PACKERS: that one wherever it takes the weight (tests)

@@ -362,3 +362,41 @@ def test_bfloat16_decoding_attention_on_the_kernel(tmp_path, monkeypatch):
         ref_rows, ref_scores = model.generate(ids[sl], mask[sl], max_new_tokens=16, return_scores=True, **kw)
         assert torch.equal(rows, ref_rows), kw
         torch.testing.assert_close(scores, ref_scores, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.skipif(not kernels.available() or not kernels.BF16_PANELS, reason="built without AVX512-BF16")
+def test_bf16_panel_linear(checkpoint, monkeypatch):
+    """bfloat16, 5-64 rows, on a CPU with AVX512-BF16: kernels.bf16_panel_linear (vdpbf16ps on pairs of k, float32
+    sums rounded to bfloat16 once) is the float64 product to bfloat16's rounding, for every block size of rows,
+    column counts off a panel's 64 and odd K; decoding with it (choose_packer's "bf16_panels"), greedy and beams,
+    takes it at every linear of every step, each call's output the float64 product of its input and the layer's
+    weight to bfloat16's rounding."""
+    gen = torch.Generator().manual_seed(0)
+    for rows in (1, 5, 6, 7, 13, 32, 64):
+        for K, N in [(16, 1), (33, 100), (512, 1153)]:
+            w = torch.randn(N, K, generator=gen).bfloat16()
+            x = torch.randn(rows, 1, 2 * K, generator=gen).bfloat16()[..., ::2]  # (strided)
+            y = torch.ops.nanoflant5_cpu.bf16_panel_linear(x, S.pack_bf16_panels(w), N)
+            assert y.shape == (rows, 1, N) and y.dtype == torch.bfloat16
+            exact = F.linear(x.double(), w.double())
+            bound = 2.0 ** -8 * exact.abs() + K * 2.0 ** -24 * F.linear(x.double().abs(), w.double().abs())
+            assert ((y.double() - exact).abs() <= bound + 1e-30).all(), (rows, K, N)
+    folder, _ = checkpoint("gated-gelu-untied")
+    model = load_model(folder, dtype=torch.bfloat16)
+    ids, mask = random_batch(96, LENGTHS + [9, 4], seed=13)
+    monkeypatch.setattr(S, "PACKER", "bf16_panels")
+    calls = []
+    packer = S.PACKERS["bf16_panels"]
+
+    def run(x, packed, w, rows):  # every call's output against the float64 product of its input and the layer's weight
+        y = packer.run(x, packed, w, rows)
+        exact = F.linear(x.double(), w.double())
+        bound = 2.0 ** -8 * exact.abs() + w.shape[1] * 2.0 ** -24 * F.linear(x.double().abs(), w.double().abs())
+        calls.append(bool(((y.double() - exact).abs() <= bound + 1e-30).all()))
+        return y
+
+    monkeypatch.setitem(S.PACKERS, "bf16_panels", packer._replace(run=run))
+    for kw in [dict(max_new_tokens=20), dict(max_new_tokens=20, num_beams=3)]:
+        calls.clear()
+        rows = model.generate(ids, mask, **kw)
+        assert len(calls) >= (6 * len(model.decoder.blocks) + 1) * (rows.shape[1] - 1) > 0 and all(calls), kw
