@@ -290,7 +290,8 @@ inline void bf16_block(const c10::BFloat16* x, int64_t K, const c10::BFloat16* w
                        int64_t k1, int64_t fetch_k, int64_t fetch_step) {
   __m512 acc[R][4];
   for (int r = 0; r < R; r++)
-    for (int j = 0; j < 4; j++) acc[r][j] = k0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_buf + r * PANEL + j * 16);
+    for (int j = 0; j < 4; j++)
+      acc[r][j] = k0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(acc_buf + r * PANEL + j * 16);
   for (int64_t k = k0; k < k1; k++) {  // k: a pair of x's k's
     __m512i wv[4];
     for (int j = 0; j < 4; j++) wv[j] = _mm512_loadu_si512(w + k * 2 * PANEL + j * 32);

@@ -883,8 +883,9 @@ class OutputScreen:
         q = torch.round(w / self.scale[:, None].to(w.dtype)).clamp_(-127, 127)
         e = torch.addcmul(w, self.scale[:, None].to(w.dtype), q, value=-1)  # e_i, up to rounding (bounded below)
         u = 2.0 ** -24
-        w_norm = torch.linalg.vector_norm(w, dim=1, dtype=torch.float64)
-        e_norm = (torch.linalg.vector_norm(e, dim=1, dtype=torch.float64) + u * w_norm) * (1 + 3 * u)
+        w_norm, e_norm = (torch.cat([torch.linalg.vector_norm(part, dim=1, dtype=torch.float64)  # (in parts: no
+                                     for part in t.split(2048)]) for t in (w, e))  # float64 copy of the whole)
+        e_norm = (e_norm + u * w_norm) * (1 + 3 * u)
         # per token: ||e_i|| and ||W_i|| + ||e_i|| (>= ||s_i q_i||), rounded up to float32
         norms = (torch.stack([e_norm, w_norm + e_norm]) * (1 + 2.0 ** -20)).float()
         self.norms = torch.cat([norms, torch.full_like(norms[:1], 2.0 ** -120)])  # (3, vocab), see bounds

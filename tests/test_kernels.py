@@ -361,8 +361,8 @@ print("|".join(str(w.message) for w in caught))
 def _attention_bound(q, k, v, bias):
     """A first-order bound on float32 attention's error (softmax(q k^T + bias) v, no scaling) against float64: each
     score's sum of D products off by at most (D + 2) eps its sum of magnitudes (Higham 2002, ch. 3), which becomes a
-    relative error of twice the largest score error (of the keys not masked) in the softmax's weights, plus the exp's, the sums' and the
-    output's own roundings ((2 S + 8) eps), times the output's sum of magnitudes, sum_s p_s |v_s|."""
+    relative error of twice the largest score error (of the keys not masked) in the softmax's weights, plus the exp's,
+    the sums' and the output's own roundings ((2 S + 8) eps), times the output's sum of magnitudes, sum_s p_s |v_s|."""
     q, k, v, bias = (t.double() for t in (q, k, v, bias))
     eps, D, S = 2.0 ** -24, q.shape[-1], k.shape[-2]
     masked = bias < -1e30  # (padding: weight 0 either way)

@@ -291,9 +291,7 @@ def test_bfloat16_rows_linear(checkpoint, monkeypatch):
             x = torch.randn(rows, 1, 2 * K, generator=gen).bfloat16()[..., ::2]
             y = torch.ops.nanoflant5_cpu.rows_linear(x, w)
             assert y.shape == (rows, 1, N) and y.dtype == torch.bfloat16
-            exact = F.linear(x.double(), w.double())
-            bound = 2.0 ** -8 * exact.abs() + K * 2.0 ** -24 * F.linear(x.double().abs(), w.double().abs())
-            assert ((y.double() - exact).abs() <= bound + 1e-30).all(), (K, N)
+            assert _bfloat16_product(y, x, w), (K, N)
     folder, _ = checkpoint("gated-gelu-untied")
     model = load_model(folder, dtype=torch.bfloat16)
     ids, mask = random_batch(96, LENGTHS, seed=13)
@@ -378,9 +376,7 @@ def test_bf16_panel_linear(checkpoint, monkeypatch):
             x = torch.randn(rows, 1, 2 * K, generator=gen).bfloat16()[..., ::2]  # (strided)
             y = torch.ops.nanoflant5_cpu.bf16_panel_linear(x, S.pack_bf16_panels(w), N)
             assert y.shape == (rows, 1, N) and y.dtype == torch.bfloat16
-            exact = F.linear(x.double(), w.double())
-            bound = 2.0 ** -8 * exact.abs() + K * 2.0 ** -24 * F.linear(x.double().abs(), w.double().abs())
-            assert ((y.double() - exact).abs() <= bound + 1e-30).all(), (rows, K, N)
+            assert _bfloat16_product(y, x, w), (rows, K, N)
     folder, _ = checkpoint("gated-gelu-untied")
     model = load_model(folder, dtype=torch.bfloat16)
     ids, mask = random_batch(96, LENGTHS + [9, 4], seed=13)
@@ -390,9 +386,7 @@ def test_bf16_panel_linear(checkpoint, monkeypatch):
 
     def run(x, packed, w, rows):  # every call's output against the float64 product of its input and the layer's weight
         y = packer.run(x, packed, w, rows)
-        exact = F.linear(x.double(), w.double())
-        bound = 2.0 ** -8 * exact.abs() + w.shape[1] * 2.0 ** -24 * F.linear(x.double().abs(), w.double().abs())
-        calls.append(bool(((y.double() - exact).abs() <= bound + 1e-30).all()))
+        calls.append(_bfloat16_product(y, x, w))
         return y
 
     monkeypatch.setitem(S.PACKERS, "bf16_panels", packer._replace(run=run))
@@ -400,3 +394,11 @@ def test_bf16_panel_linear(checkpoint, monkeypatch):
         calls.clear()
         rows = model.generate(ids, mask, **kw)
         assert len(calls) >= (6 * len(model.decoder.blocks) + 1) * (rows.shape[1] - 1) > 0 and all(calls), kw
+
+
+def _bfloat16_product(y, x, w) -> bool:
+    """Whether y is x @ w.T (bfloat16 x and w) summed in float32 and rounded to bfloat16 once: within bfloat16's
+    rounding of the float64 product plus K float32 roundings of the sum of the products' magnitudes."""
+    exact = F.linear(x.double(), w.double())
+    bound = 2.0 ** -8 * exact.abs() + w.shape[1] * 2.0 ** -24 * F.linear(x.double().abs(), w.double().abs())
+    return bool(((y.double() - exact).abs() <= bound + 1e-30).all())
