@@ -241,6 +241,30 @@ inline void panel_rows(int64_t r, const float* x, int64_t K, const float* w, flo
   }
 }
 
+// The loop of the panel GEMMs (panel_linear, bf16_panel_linear): threads take panels; a panel's k goes in chunks of
+// kc steps, each chunk multiplied with every block of rows (at most BLOCK_ROWS, as even as can be: 32 rows 6, 6, 5,
+// 5, 5, 5), the blocks taking turns fetching the weights further on, into the panel's float32 sums (M x PANEL), which
+// store(p, sums) then writes out. rows(r, r0, p, sums of row r0, k0, k1, fetch_k, fetch_step): rows r0..r0 + r - 1
+// over panel p's steps k0..k1.
+template <typename Rows, typename Store>
+void over_panels(int64_t M, int64_t panels, int64_t steps, int64_t kc, const Rows& rows, const Store& store) {
+  const int64_t blocks = (M + BLOCK_ROWS - 1) / BLOCK_ROWS, size = M / blocks, larger = M % blocks;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    std::vector<float> acc(M * PANEL);  // the panel's outputs for all rows, summed chunk by chunk
+    for (int64_t p = p0; p < p1; p++) {
+      for (int64_t k0 = 0; k0 < steps; k0 += kc) {
+        const int64_t k1 = std::min(steps, k0 + kc);
+        for (int64_t b = 0, r0 = 0; b < blocks; b++) {
+          const int64_t r = size + (b < larger);
+          rows(r, r0, p, acc.data() + r0 * PANEL, k0, k1, k0 + b, blocks);
+          r0 += r;
+        }
+      }
+      store(p, acc.data());
+    }
+  });
+}
+
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && packed.scalar_type() == at::kFloat && x.device().is_cpu() &&
               packed.device().is_cpu(), "panel_linear: float32 CPU tensors expected");
@@ -255,24 +279,15 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N
   const float* xp = x2.data_ptr<float>();
   const float* wp = packed.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  // rows in blocks of at most BLOCK_ROWS, as even as can be (32 rows: 6, 6, 5, 5, 5, 5)
-  const int64_t blocks = (M + BLOCK_ROWS - 1) / BLOCK_ROWS, size = M / blocks, larger = M % blocks;
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> acc(M * PANEL);  // the panel's outputs for all rows, summed chunk by chunk
-    for (int64_t p = p0; p < p1; p++) {
-      const float* w = wp + p * K * PANEL;
-      for (int64_t k0 = 0; k0 < K; k0 += KC) {
-        const int64_t k1 = std::min(K, k0 + KC);
-        for (int64_t b = 0, r0 = 0; b < blocks; b++) {
-          const int64_t r = size + (b < larger);
-          panel_rows(r, xp + r0 * K, K, w, acc.data() + r0 * PANEL, PANEL, k0, k1, k0 + b, blocks);
-          r0 += r;
-        }
-      }
-      const int64_t n0 = p * PANEL, cols = std::min(PANEL, N - n0);
-      for (int64_t m = 0; m < M; m++) std::memcpy(yp + m * N + n0, acc.data() + m * PANEL, cols * sizeof(float));
-    }
-  });
+  over_panels(M, panels, K, KC,
+              [&](int64_t r, int64_t r0, int64_t p, float* acc, int64_t k0, int64_t k1, int64_t fetch_k,
+                  int64_t fetch_step) {
+                panel_rows(r, xp + r0 * K, K, wp + p * K * PANEL, acc, PANEL, k0, k1, fetch_k, fetch_step);
+              },
+              [&](int64_t p, const float* acc) {
+                const int64_t n0 = p * PANEL, cols = std::min(PANEL, N - n0);
+                for (int64_t m = 0; m < M; m++) std::memcpy(yp + m * N + n0, acc + m * PANEL, cols * sizeof(float));
+              });
   return y;
 }
 
@@ -284,7 +299,7 @@ at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, int64_t N
 // pairs; each pair of x[r] broadcast, vdpbf16ps adds x[r, 2k] w[n, 2k] + x[r, 2k + 1] w[n, 2k + 1] into float32 sums
 // (products exact; bfloat16 inputs flushed to zero below float32's normal range, as the instruction does). The sums
 // are rounded to bfloat16 once, as oneDNN's bfloat16 GEMM (which choose_packer measures it against) does. Blocks of 6
-// rows x 64 columns, k in chunks with the weights fetched ahead into L2, as panel_linear.
+// rows x 64 columns in panel_linear's loop (over_panels), a step of k being a pair.
 template <int R>
 inline void bf16_block(const c10::BFloat16* x, int64_t K, const c10::BFloat16* w, float* acc_buf, int64_t k0,
                        int64_t k1, int64_t fetch_k, int64_t fetch_step) {
@@ -325,33 +340,25 @@ at::Tensor bf16_panel_linear(const at::Tensor& x, const at::Tensor& packed, int6
   const c10::BFloat16* xp = x2.data_ptr<c10::BFloat16>();
   const c10::BFloat16* wp = packed.data_ptr<c10::BFloat16>();
   c10::BFloat16* yp = y.data_ptr<c10::BFloat16>();
-  const int64_t blocks = (M + 5) / 6, size = M / blocks, larger = M % blocks;
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    std::vector<float> acc(M * PANEL);
-    for (int64_t p = p0; p < p1; p++) {
-      const c10::BFloat16* w = wp + p * K2 * 2 * PANEL;
-      for (int64_t k0 = 0; k0 < K2; k0 += KC / 2) {
-        const int64_t k1 = std::min(K2, k0 + KC / 2);
-        for (int64_t b = 0, r0 = 0; b < blocks; b++) {
-          const int64_t r = size + (b < larger);
-          const c10::BFloat16* xr = xp + r0 * K;
-          float* ar = acc.data() + r0 * PANEL;
-          switch (r) {
-            case 1: bf16_block<1>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
-            case 2: bf16_block<2>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
-            case 3: bf16_block<3>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
-            case 4: bf16_block<4>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
-            case 5: bf16_block<5>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
-            default: bf16_block<6>(xr, K, w, ar, k0, k1, k0 + b, blocks); break;
-          }
-          r0 += r;
-        }
-      }
-      const int64_t n0 = p * PANEL, cols = std::min(PANEL, N - n0);
-      for (int64_t m = 0; m < M; m++)
-        for (int64_t c = 0; c < cols; c++) yp[m * N + n0 + c] = c10::BFloat16(acc[m * PANEL + c]);  // (to nearest even)
-    }
-  });
+  over_panels(M, panels, K2, KC / 2,  // (BLOCK_ROWS: 6 with AVX-512)
+              [&](int64_t r, int64_t r0, int64_t p, float* acc, int64_t k0, int64_t k1, int64_t fetch_k,
+                  int64_t fetch_step) {
+                const c10::BFloat16* xr = xp + r0 * K;
+                const c10::BFloat16* w = wp + p * K2 * 2 * PANEL;
+                switch (r) {
+                  case 1: bf16_block<1>(xr, K, w, acc, k0, k1, fetch_k, fetch_step); break;
+                  case 2: bf16_block<2>(xr, K, w, acc, k0, k1, fetch_k, fetch_step); break;
+                  case 3: bf16_block<3>(xr, K, w, acc, k0, k1, fetch_k, fetch_step); break;
+                  case 4: bf16_block<4>(xr, K, w, acc, k0, k1, fetch_k, fetch_step); break;
+                  case 5: bf16_block<5>(xr, K, w, acc, k0, k1, fetch_k, fetch_step); break;
+                  default: bf16_block<6>(xr, K, w, acc, k0, k1, fetch_k, fetch_step); break;
+                }
+              },
+              [&](int64_t p, const float* acc) {  // rounded to nearest even
+                const int64_t n0 = p * PANEL, cols = std::min(PANEL, N - n0);
+                for (int64_t m = 0; m < M; m++)
+                  for (int64_t c = 0; c < cols; c++) yp[m * N + n0 + c] = c10::BFloat16(acc[m * PANEL + c]);
+              });
   return y;
 }
 #endif

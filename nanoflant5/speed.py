@@ -823,6 +823,12 @@ def output_screen(model: T5, g: GenerationConfig, rows: int | None):
     return screen
 
 
+def row_norms(w):
+    """Each row's Euclidean norm, in float64, 2048 rows at a time: a float64 copy of a whole output layer (128 MB for
+    flan-t5-small's) was half of building its OutputScreen, page faults included."""
+    return torch.cat([torch.linalg.vector_norm(part, dim=1, dtype=torch.float64) for part in w.split(2048)])
+
+
 def fingerprint(w, probe):
     """Each row's sum of its bytes read as 64-bit integers (wrapping: any change to one element changes it) and its
     product with a fixed random vector (a permutation within the row changes that). How a kept OutputScreen is
@@ -883,8 +889,7 @@ class OutputScreen:
         q = torch.round(w / self.scale[:, None].to(w.dtype)).clamp_(-127, 127)
         e = torch.addcmul(w, self.scale[:, None].to(w.dtype), q, value=-1)  # e_i, up to rounding (bounded below)
         u = 2.0 ** -24
-        w_norm, e_norm = (torch.cat([torch.linalg.vector_norm(part, dim=1, dtype=torch.float64)  # (in parts: no
-                                     for part in t.split(2048)]) for t in (w, e))  # float64 copy of the whole)
+        w_norm, e_norm = row_norms(w), row_norms(e)
         e_norm = (e_norm + u * w_norm) * (1 + 3 * u)
         # per token: ||e_i|| and ||W_i|| + ||e_i|| (>= ||s_i q_i||), rounded up to float32
         norms = (torch.stack([e_norm, w_norm + e_norm]) * (1 + 2.0 ** -20)).float()
